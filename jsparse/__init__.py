@@ -1,0 +1,28 @@
+"""jsparse: sparse and structured linear algebra for JAX.
+
+Formats are pytrees you can ``jit``, ``vmap`` and ``grad`` through; matmuls with a
+dense operand on either side have exact sparse gradients.
+"""
+
+from jsparse import ops
+from jsparse._base import AbstractSparseMatrix
+from jsparse._dispatch import implementations, register_impl
+from jsparse.bcsr import BCSR
+from jsparse.ops import add, map_values, matmul, scale, sddmm, todense, transpose
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BCSR",
+    "AbstractSparseMatrix",
+    "add",
+    "implementations",
+    "map_values",
+    "matmul",
+    "ops",
+    "register_impl",
+    "scale",
+    "sddmm",
+    "todense",
+    "transpose",
+]

@@ -1,0 +1,1 @@
+"""Pallas kernels for jsparse: arrays in, arrays out; no autodiff, no formats."""

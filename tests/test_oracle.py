@@ -1,0 +1,202 @@
+"""Every format against the dense oracle: eager, jit, vmap and grad, several dtypes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsparse
+
+from factories import FACTORIES
+from oracle import (
+    assert_close,
+    gather_dense_grad,
+    scaled,
+    stack_values,
+    value_axes,
+    value_leaves,
+)
+
+DTYPES = [jnp.float32, jnp.bfloat16]
+CASES = [(f, shape) for f in FACTORIES for shape in f.shapes]
+IDS = [f"{f.name}-{shape[0]}x{shape[1]}" for f, shape in CASES]
+
+
+def _impls(a):
+    return ["auto", *jsparse.implementations("matmul", type(a))]
+
+
+def _dense_matmul(w, x, left: bool):
+    """The oracle: the same product in float32 on the dense matrix."""
+    w32, x32 = w.astype(jnp.float32), x.astype(jnp.float32)
+    return jnp.matmul(x32, w32) if left else jnp.matmul(w32, x32)
+
+
+def _operand(key, a, left: bool, batch: tuple[int, ...], n: int | None, dtype):
+    m, k = a.shape
+    if left:  # x @ a, x (..., M)
+        shape = (*batch, m)
+    else:  # a @ x, x (..., K, n) or (K,)
+        shape = (k,) if n is None else (*batch, k, n)
+    return jax.random.normal(key, shape, dtype)
+
+
+@pytest.fixture(params=CASES, ids=IDS)
+def case(request):
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_basic_members(case, dtype):
+    factory, shape = case
+    a = factory.make(jax.random.key(0), shape, dtype)
+    assert a.shape == shape and a.ndim == 2 and a.dtype == dtype
+    d = a.todense()
+    assert d.shape == shape and d.dtype == dtype
+    assert a.nbytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(a))
+    a.validate()
+    np.testing.assert_array_equal(
+        np.asarray(a.T.todense(), np.float32), np.asarray(d.T, np.float32)
+    )
+    assert a.T.shape == shape[::-1]
+    b = a.astype(jnp.float32)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(b.todense(), d.astype(jnp.float32))
+    # pytree round trip keeps the type and the values
+    leaves, tree = jax.tree_util.tree_flatten(a)
+    c = jax.tree_util.tree_unflatten(tree, leaves)
+    assert type(c) is type(a)
+    np.testing.assert_array_equal(np.asarray(c.todense(), np.float32), np.asarray(d, np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+@pytest.mark.parametrize(
+    "batch,n", [((), None), ((), 3), ((2,), 5)], ids=["vector", "matrix", "batched"]
+)
+def test_matmul(case, dtype, left, batch, n):
+    factory, shape = case
+    a = factory.make(jax.random.key(1), shape, dtype)
+    x = _operand(jax.random.key(2), a, left, batch if (n or left) else (), n, dtype)
+    if left and n is None:
+        x = x.reshape(-1)  # the vector case: x (M,)
+    expected = _dense_matmul(a.todense(), x, left)
+    k = shape[0] if left else shape[1]
+    for impl in _impls(a):
+        if left:
+            fn = lambda a, x, impl=impl: jsparse.matmul(x, a, impl=impl)  # noqa: E731
+        else:
+            fn = lambda a, x, impl=impl: jsparse.matmul(a, x, impl=impl)  # noqa: E731
+        eager = fn(a, x)
+        assert eager.shape == expected.shape and eager.dtype == dtype, impl
+        assert_close(eager, expected, dtype, k, err_msg=f"eager impl={impl}")
+        assert_close(jax.jit(fn)(a, x), expected, dtype, k, err_msg=f"jit impl={impl}")
+    # operators
+    assert_close((x @ a) if left else (a @ x), expected, dtype, k)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+def test_vmap_over_dense_operand(case, left):
+    factory, shape = case
+    dtype = jnp.float32
+    a = factory.make(jax.random.key(3), shape, dtype)
+    xs = _operand(jax.random.key(4), a, left, (3, 2), 4, dtype)  # a batch of 3
+    if left:
+        f = jax.vmap(lambda x: x @ a)
+        expected = jnp.stack([_dense_matmul(a.todense(), x, True) for x in xs])
+    else:
+        f = jax.vmap(lambda x: a @ x)
+        expected = jnp.stack([_dense_matmul(a.todense(), x, False) for x in xs])
+    assert_close(f(xs), expected, dtype, max(shape))
+    assert_close(jax.jit(f)(xs), expected, dtype, max(shape))
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+def test_vmap_over_values(case, left):
+    factory, shape = case
+    dtype = jnp.float32
+    a = factory.make(jax.random.key(5), shape, dtype)
+    mats = [a, scaled(a, -0.5), scaled(a, 2.0)]
+    batched = stack_values(mats)
+    x = _operand(jax.random.key(6), a, left, (2,), 3, dtype)
+    f = (lambda a: x @ a) if left else (lambda a: a @ x)
+    out = jax.vmap(f, in_axes=(value_axes(a),))(batched)
+    expected = jnp.stack([_dense_matmul(m.todense(), x, left) for m in mats])
+    assert_close(out, expected, dtype, max(shape))
+    dense = jax.vmap(lambda a: a.todense(), in_axes=(value_axes(a),))(batched)
+    assert_close(dense, jnp.stack([m.todense() for m in mats]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+def test_grad(case, dtype, left):
+    factory, shape = case
+    a = factory.make(jax.random.key(7), shape, dtype)
+    x = _operand(jax.random.key(8), a, left, (3,) if left else (), 3, dtype)
+    target = jax.random.normal(jax.random.key(9), (3, shape[1]) if left else (shape[0], 3))
+
+    k = max(shape)
+
+    def _loss(y):  # smooth and O(1) sensitive, so bfloat16 rounding of y stays small
+        y = y.astype(jnp.float32) / np.sqrt(k)
+        return jnp.sum(target * y + 0.5 * y**2)
+
+    def loss_dense(w, x):
+        return _loss(_dense_matmul(w, x, left))
+
+    for impl in _impls(a):
+
+        def loss(a, x, impl=impl):
+            return _loss(
+                jsparse.matmul(x, a, impl=impl) if left else jsparse.matmul(a, x, impl=impl)
+            )
+
+        ga, gx = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))(a, x)
+        assert type(ga) is type(a)
+        assert not any(
+            jnp.issubdtype(leaf.dtype, jnp.integer) for leaf in jax.tree_util.tree_leaves(ga)
+        ), "index leaves must get float0 cotangents"
+        ga_ref = gather_dense_grad(a, lambda w, x=x: loss_dense(w, x))
+        gx_ref = jax.grad(loss_dense, argnums=1)(a.todense(), x)
+        for name, g in value_leaves(ga).items():
+            assert g.dtype == getattr(a, name).dtype, (impl, name)
+            assert_close(g, getattr(ga_ref, name), dtype, k, err_msg=f"d{name} impl={impl}")
+        assert gx.dtype == x.dtype
+        assert_close(gx, gx_ref, dtype, k, err_msg=f"dx impl={impl}")
+
+
+def test_float0_index_cotangents(case):
+    factory, shape = case
+    a = factory.make(jax.random.key(10), shape, jnp.float32)
+    ga = jax.grad(lambda a: jnp.sum(a @ jnp.ones((shape[1],))), allow_int=True)(a)
+    index_fields = [f for f in a._leaf_fields if f not in a._value_fields]
+    for f in index_fields:
+        assert getattr(ga, f).dtype == jax.dtypes.float0, f
+    ga.validate()  # a cotangent passes validation
+
+
+def test_float64(case):
+    factory, shape = case
+    with jax.enable_x64(True):
+        a = factory.make(jax.random.key(11), shape, jnp.float64)
+        x = jax.random.normal(jax.random.key(12), (shape[1], 2), jnp.float64)
+        y = a @ x
+        assert y.dtype == jnp.float64
+        assert_close(y, a.todense() @ x, jnp.float64, shape[1])
+        g = jax.grad(lambda x: jnp.sum((a @ x) ** 2))(x)
+        assert_close(
+            g, jax.grad(lambda x: jnp.sum((a.todense() @ x) ** 2))(x), jnp.float64, shape[1]
+        )
+
+
+def test_jit_does_not_recompile_for_new_values(case):
+    factory, shape = case
+    f = jax.jit(lambda a, x: a @ x)
+    x = jnp.ones((shape[1], 2))
+    a1 = factory.make(jax.random.key(13), shape, jnp.float32)
+    a2 = factory.make(jax.random.key(14), shape, jnp.float32)  # new values and pattern
+    f(a1, x)
+    f(a2, x)
+    assert f._cache_size() == 1
