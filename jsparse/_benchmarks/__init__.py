@@ -1,0 +1,1 @@
+"""Benchmark sections for ``python -m jsparse.bench`` (one module per format)."""
