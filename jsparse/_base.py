@@ -37,6 +37,9 @@ class AbstractSparseMatrix(abc.ABC):
 
     shape: tuple[int, ...]
 
+    # NumPy operands defer to our reflected operators (``np_array @ sparse``).
+    __array_ufunc__ = None
+
     # ----------------------------------------------------------------- abstract
     @abc.abstractmethod
     def todense(self) -> jax.Array:
