@@ -1,0 +1,100 @@
+"""Erdős–Rényi-Kernel (ERK) layer-wise sparsity allocation (Evci et al., 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+__all__ = ["erk", "erk_sparsities"]
+
+
+def erk_sparsities(
+    shapes: Mapping[str, Sequence[int]],
+    sparsity: float,
+    *,
+    power: float = 1.0,
+    dense: Sequence[str] = (),
+) -> dict[str, float]:
+    """Per-layer sparsities whose total equals ``sparsity``, each layer's density
+    proportional to ``(sum(shape) / prod(shape)) ** power`` (ERK; for 2-D kernels this
+    is Erdős–Rényi: ``(n_in + n_out) / (n_in * n_out)``).
+
+    The dense-overflow rule (RigL's): a layer whose density would exceed 1 is made
+    dense (sparsity 0) and the budget is shared again among the others, until none
+    overflows. So small layers (a first layer with few inputs, a classifier head)
+    usually end up dense.
+
+    Args:
+      shapes: layer name -> kernel shape.
+      sparsity: the overall target in ``[0, 1)``: ``sum(density_i * size_i) ==
+        (1 - sparsity) * sum(size_i)``.
+      power: the ERK exponent (1 = ERK; 0 = uniform).
+      dense: names of layers kept dense by choice.
+
+    Returns:
+      name -> sparsity in ``[0, 1)``.
+
+    Raises:
+      ValueError: ``sparsity`` outside ``[0, 1)``, empty ``shapes``, unknown names in
+        ``dense``, or a budget the non-dense layers cannot meet.
+
+    Example:
+      >>> s = erk_sparsities({"in": (64, 2048), "hidden": (2048, 2048), "out": (2048, 10)}, 0.9)
+      >>> s["in"], s["out"], round(s["hidden"], 4)
+      (0.0, 0.0, 0.9325)
+    """
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not shapes:
+        raise ValueError("erk_sparsities: no layer shapes given")
+    unknown = set(dense) - set(shapes)
+    if unknown:
+        raise ValueError(f"erk_sparsities: dense names {sorted(unknown)} are not layers")
+    sizes = {name: float(np.prod(shape)) for name, shape in shapes.items()}
+    raw = {name: (float(np.sum(shape)) / sizes[name]) ** power for name, shape in shapes.items()}
+    dense_set = set(dense)
+    total = sum(sizes.values())
+    while True:
+        sparse_names = [n for n in shapes if n not in dense_set]
+        budget = (1.0 - sparsity) * total - sum(sizes[n] for n in dense_set)
+        if not sparse_names:
+            if budget < -1e-9 * total:
+                raise ValueError("erk_sparsities: the dense layers exceed the budget")
+            break
+        if budget < 0:
+            raise ValueError(
+                f"erk_sparsities: the layers kept dense ({sorted(dense_set)}) exceed the "
+                f"budget of a {sparsity} sparse model"
+            )
+        eps = budget / sum(raw[n] * sizes[n] for n in sparse_names)
+        max_raw = max(raw[n] for n in sparse_names)
+        if eps * max_raw <= 1.0:
+            break
+        dense_set.update(n for n in sparse_names if raw[n] == max_raw)
+    out = {}
+    for name in shapes:
+        density = 1.0 if name in dense_set else eps * raw[name]
+        out[name] = float(min(max(1.0 - density, 0.0), 1.0 - 1e-12))
+    return out
+
+
+def erk(model, sparsity: float, *, filter: Any = ..., power: float = 1.0) -> dict[str, float]:  # noqa: A002
+    """:func:`erk_sparsities` for the ``nnx.Linear`` layers of ``model`` that ``filter``
+    selects, keyed by path string, ready for
+    ``jsparse.nn.sparsify(model, format="bcsr", sparsity=erk(model, 0.9))``.
+    """
+    from jsparse.nn.surgery import _modules, path_str
+
+    predicate = nnx.filterlib.to_predicate(filter)
+    shapes = {
+        path_str(path): tuple(layer.kernel.shape)
+        for path, layer in _modules(model)
+        if type(layer) is nnx.Linear and predicate(path, layer)
+    }
+    if not shapes:
+        raise ValueError(f"erk: the filter {filter!r} selects no nnx.Linear layer")
+    return erk_sparsities(shapes, sparsity, power=power)
