@@ -463,15 +463,30 @@ def auto_order(a: BCSR) -> list[str]:
     return ["xla", "dense"]
 
 
+# On GPU/TPU the Pallas kernels run unless the pattern is so dense that the dense
+# matmul wins (not yet measured on hardware; see docs/pallas.md). The choice is made
+# at lowering time (jax.lax.platform_dependent), see jsparse/_dispatch.py.
+_ACCELERATOR_DENSE_THRESHOLD = 0.5
+
+
+def platform_orders(a: BCSR) -> dict[str, list[str]]:
+    """``impl="auto"`` candidates per platform: Pallas first on GPU/TPU."""
+    if a.density > _ACCELERATOR_DENSE_THRESHOLD:
+        accelerator = ["dense", "pallas", "xla"]
+    else:
+        accelerator = ["pallas", "dense", "xla"]
+    return {"cuda": accelerator, "tpu": accelerator, "default": auto_order(a)}
+
+
 @ops.sparse_dense_matmul.register
 def _(a: BCSR, x, *, impl):
-    return run("matmul", BCSR, impl, auto_order(a), a, x, transpose=False)
+    return run("matmul", BCSR, impl, platform_orders(a), a, x, transpose=False)
 
 
 @ops.dense_sparse_matmul.register
 def _(a: BCSR, x, *, impl):
     # x @ A = (A.T @ x.T).T; the transposed product never forms A.T.
-    return run("matmul", BCSR, impl, auto_order(a), a, x.T, transpose=True).T
+    return run("matmul", BCSR, impl, platform_orders(a), a, x.T, transpose=True).T
 
 
 # ---------------------------------------------------------------- ops: sddmm
@@ -505,7 +520,9 @@ def _sddmm_xla(pattern: BCSR, x, y):
 
 @ops._sddmm.register
 def _(pattern: BCSR, x, y):
-    return run("sddmm", BCSR, "auto", ["xla"], pattern, x, y)
+    accelerator = ["pallas", "xla"]
+    orders = {"cuda": accelerator, "tpu": accelerator, "default": ["xla"]}
+    return run("sddmm", BCSR, "auto", orders, pattern, x, y)
 
 
 # ---------------------------------------------------------------- ops: elementwise
@@ -544,3 +561,7 @@ def _same_pattern(a: BCSR, b: BCSR) -> bool:
             and np.array_equal(np.asarray(a.indptr), np.asarray(b.indptr))
         )
     return False
+
+
+# Registers the "pallas" implementations (imports BCSR, so it comes last).
+from jsparse import _pallas  # noqa: E402, F401

@@ -17,6 +17,9 @@ import jax
 # section name -> module under jsparse._benchmarks
 SECTIONS = {
     "bcsr": "bcsr",
+    "nm": "nm",
+    "monarch": "monarch",
+    "pallas": "pallas",
 }
 
 

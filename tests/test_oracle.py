@@ -63,7 +63,9 @@ def test_basic_members(case, dtype):
     assert a.T.shape == shape[::-1]
     b = a.astype(jnp.float32)
     assert b.dtype == jnp.float32
-    np.testing.assert_allclose(b.todense(), d.astype(jnp.float32))
+    # A factored format (Monarch, LowRankSparse) rounds its dense product in `dtype`,
+    # so the float32 copy matches the rounded dense only to `dtype`'s tolerance.
+    assert_close(b.todense(), d, dtype)
     # pytree round trip keeps the type and the values
     leaves, tree = jax.tree_util.tree_flatten(a)
     c = jax.tree_util.tree_unflatten(tree, leaves)
