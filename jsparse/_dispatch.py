@@ -70,6 +70,18 @@ def implementations(op: str, fmt: type) -> tuple[str, ...]:
     return tuple(_REGISTRY.get((op, fmt), {}))
 
 
+def with_pallas(order: Sequence[str]) -> dict[str, list[str]]:
+    """A per-platform ``auto`` order from a CPU order: on GPU/TPU the Pallas kernels
+    take the place of ``"xla"`` (XLA stays as the fallback right behind them), so a
+    pattern dense enough to prefer ``"dense"`` on CPU prefers it there too."""
+    accelerator = []
+    for name in order:
+        if name == "xla":
+            accelerator.append("pallas")
+        accelerator.append(name)
+    return {"cuda": accelerator, "tpu": accelerator, "default": list(order)}
+
+
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

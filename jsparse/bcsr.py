@@ -21,7 +21,7 @@ from jsparse._base import (
     check_index_dtype,
     register_format,
 )
-from jsparse._dispatch import register_impl, run
+from jsparse._dispatch import register_impl, run, with_pallas
 from jsparse._xla import bcsr as xla
 
 __all__ = ["BCSR"]
@@ -449,6 +449,8 @@ def _matmul_dense(a: BCSR, x, *, transpose: bool):
 # The scan pays a fixed cost per step, so small blocks need sparser patterns.
 def _dense_threshold(block_shape: tuple[int, int]) -> float:
     elements = block_shape[0] * block_shape[1]
+    if elements >= 4096:
+        return 0.4
     if elements >= 1024:
         return 0.3
     if elements >= 256:
@@ -463,30 +465,15 @@ def auto_order(a: BCSR) -> list[str]:
     return ["xla", "dense"]
 
 
-# On GPU/TPU the Pallas kernels run unless the pattern is so dense that the dense
-# matmul wins (not yet measured on hardware; see docs/pallas.md). The choice is made
-# at lowering time (jax.lax.platform_dependent), see jsparse/_dispatch.py.
-_ACCELERATOR_DENSE_THRESHOLD = 0.5
-
-
-def platform_orders(a: BCSR) -> dict[str, list[str]]:
-    """``impl="auto"`` candidates per platform: Pallas first on GPU/TPU."""
-    if a.density > _ACCELERATOR_DENSE_THRESHOLD:
-        accelerator = ["dense", "pallas", "xla"]
-    else:
-        accelerator = ["pallas", "dense", "xla"]
-    return {"cuda": accelerator, "tpu": accelerator, "default": auto_order(a)}
-
-
 @ops.sparse_dense_matmul.register
 def _(a: BCSR, x, *, impl):
-    return run("matmul", BCSR, impl, platform_orders(a), a, x, transpose=False)
+    return run("matmul", BCSR, impl, with_pallas(auto_order(a)), a, x, transpose=False)
 
 
 @ops.dense_sparse_matmul.register
 def _(a: BCSR, x, *, impl):
     # x @ A = (A.T @ x.T).T; the transposed product never forms A.T.
-    return run("matmul", BCSR, impl, platform_orders(a), a, x.T, transpose=True).T
+    return run("matmul", BCSR, impl, with_pallas(auto_order(a)), a, x.T, transpose=True).T
 
 
 # ---------------------------------------------------------------- ops: sddmm
@@ -520,9 +507,7 @@ def _sddmm_xla(pattern: BCSR, x, y):
 
 @ops._sddmm.register
 def _(pattern: BCSR, x, y):
-    accelerator = ["pallas", "xla"]
-    orders = {"cuda": accelerator, "tpu": accelerator, "default": ["xla"]}
-    return run("sddmm", BCSR, "auto", orders, pattern, x, y)
+    return run("sddmm", BCSR, "auto", with_pallas(["xla"]), pattern, x, y)
 
 
 # ---------------------------------------------------------------- ops: elementwise

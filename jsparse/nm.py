@@ -21,7 +21,7 @@ from jsparse._base import (
     check_index_dtype,
     register_format,
 )
-from jsparse._dispatch import register_impl, run
+from jsparse._dispatch import register_impl, run, with_pallas
 from jsparse._xla import nm as xla
 
 __all__ = ["NM", "is_nm", "nm_mask"]
@@ -633,13 +633,13 @@ def auto_order(a: NM) -> list[str]:
 
 @ops.sparse_dense_matmul.register
 def _(a: NM, x, *, impl):
-    return run("matmul", NM, impl, auto_order(a), a, x, transpose=False)
+    return run("matmul", NM, impl, with_pallas(auto_order(a)), a, x, transpose=False)
 
 
 @ops.dense_sparse_matmul.register
 def _(a: NM, x, *, impl):
     # x @ A = (A.T @ x.T).T; the transposed product never forms A.T.
-    return run("matmul", NM, impl, auto_order(a), a, x.T, transpose=True).T
+    return run("matmul", NM, impl, with_pallas(auto_order(a)), a, x.T, transpose=True).T
 
 
 # ---------------------------------------------------------------- ops: sddmm

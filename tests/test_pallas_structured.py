@@ -140,3 +140,19 @@ def test_monarch_grad_pallas_matches_xla(left):
         assert_close(got, want, jnp.float32, 64)
     # forward and dx run the fused kernel
     assert _lowered(functools.partial(grad, impl="pallas"), a, x).count(f"@{TRITON}(") == 2
+
+
+# ------------------------------------------------------------------ auto
+def test_auto_picks_the_kernels_only_when_lowered_for_cuda():
+    """impl="auto" (the default) runs the Pallas kernels on GPU and XLA on CPU, for
+    both structured formats, chosen at lowering time."""
+    nm = jsparse.NM.random(jax.random.key(5), (32, 128), n=2, m=4)
+    mon = jsparse.Monarch.init(jax.random.key(6), (64, 64), nblocks=4)
+    for a, x in ((nm, jnp.ones((128, 8))), (mon, jnp.ones((64, 8)))):
+
+        def loss(a, x):
+            return jnp.sum(a @ x)
+
+        assert TRITON in _lowered(loss, a, x, platform="cuda"), type(a).__name__
+        assert TRITON not in _lowered(loss, a, x, platform="cpu"), type(a).__name__
+        assert TRITON in _lowered(jax.grad(loss, argnums=1), a, x, platform="cuda")

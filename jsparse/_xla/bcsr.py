@@ -166,11 +166,17 @@ def sddmm(
 def todense(
     data: jax.Array, row_ids: jax.Array, col_ids: jax.Array, *, shape: tuple[int, int]
 ) -> jax.Array:
-    """Scatter the stored blocks into a dense ``shape`` array."""
+    """Scatter the stored blocks into a dense ``shape`` array.
+
+    The blocks are written straight into the ``(nbr, bm, nbc, bn)`` view of the
+    output with a ``set`` scatter (positions are unique in a canonical BCSR): this is
+    several times faster on CPU than an ``add`` scatter followed by a transpose, which
+    matters because ``impl="dense"`` densifies on every call.
+    """
     _, bm, bn = data.shape
     nbr, nbc = shape[0] // bm, shape[1] // bn
-    blocks = jnp.zeros((nbr, nbc, bm, bn), data.dtype).at[row_ids, col_ids].add(data)
-    return blocks.transpose(0, 2, 1, 3).reshape(shape)
+    out = jnp.zeros((nbr, bm, nbc, bn), data.dtype).at[row_ids, :, col_ids, :].set(data)
+    return out.reshape(shape)
 
 
 def gather_blocks(

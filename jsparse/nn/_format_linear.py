@@ -39,6 +39,26 @@ class FormatLinear(nnx.Module):
         self.param_dtype = param_dtype
         self.impl = impl
 
+    @classmethod
+    def _from_dense_kernel(cls, kernel, bias, *, dtype, param_dtype, impl, **layer_kwargs):
+        """A layer whose ``kernel_init`` returns ``kernel``: the subclass's constructor
+        then prunes or projects it into the format (the ``from_kernel`` recipe)."""
+        kernel = jnp.asarray(kernel)
+        if kernel.ndim != 2:
+            raise ValueError(f"kernel must be 2-D (in_features, out_features), got {kernel.shape}")
+        return cls(
+            kernel.shape[0],
+            kernel.shape[1],
+            use_bias=bias is not None,
+            dtype=dtype,
+            param_dtype=kernel.dtype if param_dtype is None else param_dtype,
+            kernel_init=lambda *_: kernel,
+            bias_init=lambda *_: bias,
+            impl=impl,
+            rngs=nnx.Rngs(0),
+            **layer_kwargs,
+        )
+
     def _init_bias(self, bias_init, rngs):
         if self.use_bias:
             bias = bias_init(rngs.params(), (self.out_features,), self.param_dtype)

@@ -91,21 +91,8 @@ class NMLinear(FormatLinear):
         impl: str = "auto",
     ) -> NMLinear:
         """Keep the ``n`` largest-magnitude weights of every ``m`` along the input axis."""
-        kernel = jnp.asarray(kernel)
-        if kernel.ndim != 2:
-            raise ValueError(f"kernel must be 2-D (in_features, out_features), got {kernel.shape}")
-        return cls(
-            kernel.shape[0],
-            kernel.shape[1],
-            n=n,
-            m=m,
-            use_bias=bias is not None,
-            dtype=dtype,
-            param_dtype=kernel.dtype if param_dtype is None else param_dtype,
-            kernel_init=lambda *_: kernel,
-            bias_init=lambda *_: bias,
-            impl=impl,
-            rngs=nnx.Rngs(0),
+        return cls._from_dense_kernel(
+            kernel, bias, dtype=dtype, param_dtype=param_dtype, impl=impl, n=n, m=m
         )
 
     @classmethod

@@ -107,22 +107,15 @@ class SparseLinear(FormatLinear):
           sparsity, block_shape, dtype, impl: as in the constructor.
           param_dtype: defaults to ``kernel.dtype``.
         """
-        kernel = jnp.asarray(kernel)
-        if kernel.ndim != 2:
-            raise ValueError(f"kernel must be 2-D (in_features, out_features), got {kernel.shape}")
-        return cls(
-            kernel.shape[0],
-            kernel.shape[1],
+        return cls._from_dense_kernel(
+            kernel,
+            bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            impl=impl,
             sparsity=sparsity,
             block_shape=block_shape,
-            use_bias=bias is not None,
-            dtype=dtype,
-            param_dtype=kernel.dtype if param_dtype is None else param_dtype,
-            kernel_init=lambda *_: kernel,
-            bias_init=lambda *_: bias,
             pattern="magnitude",
-            impl=impl,
-            rngs=nnx.Rngs(0),
         )
 
     @classmethod
