@@ -221,7 +221,8 @@ def test_kernels_lower_for_accelerators(transpose):
 
 
 def test_auto_picks_pallas_at_lowering_time():
-    a = _matrix((64, 64), (16, 16), 0.25, jnp.float32)
+    # sparse enough that "xla" leads the CPU order, so "pallas" leads on accelerators
+    a = _matrix((64, 64), (16, 16), 0.125, jnp.float32)
     x = jnp.ones((64, 4))
 
     def loss(a, x):  # forward and backward
@@ -236,10 +237,17 @@ def test_auto_picks_pallas_at_lowering_time():
     assert TRITON not in cpu and MOSAIC_TPU not in cpu
 
 
+def test_auto_prefers_dense_for_dense_patterns_on_accelerators_too():
+    a = _matrix((64, 64), (16, 16), 0.5, jnp.float32)
+    lowered = _lowered(lambda a, x: a @ x, a, jnp.ones((64, 4)), platform="cuda")
+    assert TRITON not in lowered
+
+
 def test_auto_falls_back_where_a_kernel_cannot():
-    # (4, 8) blocks: the Triton kernel handles them, the TPU kernel does not.
-    a = _matrix((32, 32), (4, 8), 0.1, jnp.float32)
-    x = jnp.ones((32, 4))
+    # (4, 8) blocks: the Triton kernel handles them, the TPU kernel does not. Small
+    # blocks prefer dense above 2% density, so the pattern is sparser than that.
+    a = _matrix((128, 256), (4, 8), 0.01, jnp.float32)
+    x = jnp.ones((256, 4))
     f = lambda a, x: a @ x  # noqa: E731
     assert TRITON in _lowered(f, a, x, platform="cuda")
     assert MOSAIC_TPU not in _lowered(f, a, x, platform="tpu")  # the XLA branch
