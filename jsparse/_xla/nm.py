@@ -301,13 +301,17 @@ def topn_mask(x: jax.Array, *, n: int, m: int, axis: int) -> jax.Array:
     if m > 16:
         _, positions = compress(x, n=n, m=m, axis=axis)
         return decompress(jnp.ones(positions.shape, jnp.bool_), positions, n=n, m=m, axis=axis)
-    xt = jnp.moveaxis(jnp.abs(x), axis, -1)
-    g = xt.reshape(*xt.shape[:-1], -1, m)
-    mine, other = g[..., :, None], g[..., None, :]
+    # Split the grouped axis in place, (G, m), so the other axis stays minor (for
+    # axis=0 the comparisons vectorise along the long output axis).
+    shape = list(x.shape)
+    shape[axis : axis + 1] = [shape[axis] // m, m]
+    g = jnp.abs(x).reshape(shape)
+    mine = jnp.expand_dims(g, axis + 2)  # [..., i, 1, ...]
+    other = jnp.expand_dims(g, axis + 1)  # [..., 1, j, ...]
     idx = jnp.arange(m)
-    earlier = idx[None, :] < idx[:, None]  # [mine, other]: other's position is lower
-    rank = jnp.sum((other > mine) | ((other == mine) & earlier), axis=-1)
-    return jnp.moveaxis((rank < n).reshape(xt.shape), -1, axis)
+    earlier = (idx[None, :] < idx[:, None]).reshape((m, m) + (1,) * (g.ndim - axis - 2))
+    rank = jnp.sum((other > mine) | ((other == mine) & earlier), axis=axis + 2)
+    return (rank < n).reshape(x.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "axis"))
