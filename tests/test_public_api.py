@@ -23,3 +23,17 @@ def test_star_import():
 def test_bench_module_imports():
     bench = importlib.import_module("jsparse.bench")
     assert callable(bench.main)
+
+
+def test_registry_rejects_unregistered_and_unknown_implementations():
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    a = jsparse.LowRankSparse.random(
+        jax.random.key(0), (8, 8), rank=1, density=0.25, block_shape=(2, 2)
+    )
+    with pytest.raises(ValueError, match="has no 'pallas' implementation of matmul"):
+        jsparse.matmul(a, jnp.ones((8,)), impl="pallas")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        jsparse.matmul(a, jnp.ones((8,)), impl="cuda")
