@@ -59,6 +59,23 @@ class FormatLinear(nnx.Module):
             **layer_kwargs,
         )
 
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, *, impl: str = "auto", **format_params):
+        """From an :class:`flax.nnx.Linear`: :meth:`from_kernel` on its kernel and bias,
+        keeping its ``dtype`` and ``param_dtype``.
+
+        ``format_params`` are the subclass's ``from_kernel`` parameters (``sparsity`` and
+        ``block_shape``; ``n`` and ``m``; ``nblocks``; ``rank`` ...).
+        """
+        return cls.from_kernel(
+            linear.kernel[...],
+            linear.bias[...] if linear.bias is not None else None,
+            dtype=linear.dtype,
+            param_dtype=linear.param_dtype,
+            impl=impl,
+            **format_params,
+        )
+
     def _init_bias(self, bias_init, rngs):
         if self.use_bias:
             bias = bias_init(rngs.params(), (self.out_features,), self.param_dtype)

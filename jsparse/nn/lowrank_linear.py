@@ -121,28 +121,6 @@ class LowRankSparseLinear(FormatLinear):
             getattr(layer, name).set_value(leaf)
         return layer
 
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nnx.Linear,
-        *,
-        rank: int,
-        sparsity: float,
-        block_shape: Sequence[int] = (1, 1),
-        impl: str = "auto",
-    ) -> LowRankSparseLinear:
-        """From an :class:`flax.nnx.Linear`, by low-rank + sparse splitting of its kernel."""
-        return cls.from_kernel(
-            linear.kernel[...],
-            linear.bias[...] if linear.bias is not None else None,
-            rank=rank,
-            sparsity=sparsity,
-            block_shape=block_shape,
-            dtype=linear.dtype,
-            param_dtype=linear.param_dtype,
-            impl=impl,
-        )
-
     @property
     def rank(self) -> int:
         return self.kernel_U.shape[1]

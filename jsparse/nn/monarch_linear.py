@@ -94,21 +94,6 @@ class MonarchLinear(FormatLinear):
             block_rank=block_rank,
         )
 
-    @classmethod
-    def from_linear(
-        cls, linear: nnx.Linear, *, nblocks: int, block_rank: int | None = None, impl: str = "auto"
-    ) -> MonarchLinear:
-        """From an :class:`flax.nnx.Linear`, by Monarch projection of its kernel."""
-        return cls.from_kernel(
-            linear.kernel[...],
-            linear.bias[...] if linear.bias is not None else None,
-            nblocks=nblocks,
-            block_rank=block_rank,
-            dtype=linear.dtype,
-            param_dtype=linear.param_dtype,
-            impl=impl,
-        )
-
     @property
     def nblocks(self) -> int:
         return self.kernel_left.shape[0]

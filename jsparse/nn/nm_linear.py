@@ -95,21 +95,6 @@ class NMLinear(FormatLinear):
             kernel, bias, dtype=dtype, param_dtype=param_dtype, impl=impl, n=n, m=m
         )
 
-    @classmethod
-    def from_linear(
-        cls, linear: nnx.Linear, *, n: int = 2, m: int = 4, impl: str = "auto"
-    ) -> NMLinear:
-        """From an :class:`flax.nnx.Linear`, by N:M magnitude pruning of its kernel."""
-        return cls.from_kernel(
-            linear.kernel[...],
-            linear.bias[...] if linear.bias is not None else None,
-            n=n,
-            m=m,
-            dtype=linear.dtype,
-            param_dtype=linear.param_dtype,
-            impl=impl,
-        )
-
     @property
     def n(self) -> int:
         return self.kernel.n

@@ -118,26 +118,6 @@ class SparseLinear(FormatLinear):
             pattern="magnitude",
         )
 
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nnx.Linear,
-        *,
-        sparsity: float,
-        block_shape: Sequence[int] = (1, 1),
-        impl: str = "auto",
-    ) -> SparseLinear:
-        """From an :class:`flax.nnx.Linear`, by magnitude pruning of its kernel."""
-        return cls.from_kernel(
-            linear.kernel[...],
-            linear.bias[...] if linear.bias is not None else None,
-            sparsity=sparsity,
-            block_shape=block_shape,
-            dtype=linear.dtype,
-            param_dtype=linear.param_dtype,
-            impl=impl,
-        )
-
     @property
     def block_shape(self) -> tuple[int, int]:
         return tuple(self.kernel_data.shape[1:])
