@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 IMPLS = ("auto", "xla", "dense", "pallas")
 # Platforms that jax.lax.platform_dependent distinguishes ("gpu" is not one).
@@ -177,13 +178,46 @@ def _first_that_handles(op, fmt, table, names, args, kwargs):
     )
 
 
+# Probe results by (implementation, argument structure, shapes and dtypes, kwargs):
+# whether a kernel handles a configuration depends on nothing else, and tracing a
+# Pallas kernel on every (eager) call would cost far more than the call itself.
+_PROBES: dict[Any, str | None] = {}
+_MAX_PROBES = 4096
+
+
+def _probe_key(fn, args, kwargs):
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        key = (
+            fn,
+            treedef,
+            tuple(
+                (tuple(np.shape(x)), np.dtype(x.dtype if hasattr(x, "dtype") else type(x)))
+                for x in leaves
+            ),
+            tuple(sorted(kwargs.items())),
+        )
+        hash(key)
+    except (TypeError, ValueError):
+        return None
+    return key
+
+
 def _handles(fn, args, kwargs) -> str | None:
     """``None`` if ``fn`` traces on these arguments, else the NotImplementedError text."""
+    key = _probe_key(fn, args, kwargs)
+    if key is not None and key in _PROBES:
+        return _PROBES[key]
     try:
         jax.eval_shape(functools.partial(fn, **kwargs), *args)
+        why = None
     except NotImplementedError as e:
-        return str(e) or type(e).__name__
-    return None
+        why = str(e) or type(e).__name__
+    if key is not None:
+        if len(_PROBES) >= _MAX_PROBES:
+            _PROBES.clear()
+        _PROBES[key] = why
+    return why
 
 
 def _probe_first(cands, args, kwargs):

@@ -511,42 +511,17 @@ def _(pattern: BCSR, x, y):
 
 
 # ---------------------------------------------------------------- ops: elementwise
-@ops.scale.register
-def _(a: BCSR, s):
-    s = jnp.asarray(s)
-    if s.ndim != 0:
-        raise TypeError(f"BCSR can only be scaled by a scalar, got shape {s.shape}")
-    return a._replace(data=(a.data * s).astype(jnp.result_type(a.data, s)))
-
-
-@ops._map_values.register
-def _(a: BCSR, fn):
-    return a._replace(data=fn(a.data))
+ops._scale.register(BCSR)(ops.scale_entries)
+ops._map_values.register(BCSR)(ops.map_entries)
 
 
 @ops._add.register
 def _(a: BCSR, b: BCSR):
-    if a.block_shape != b.block_shape or a.nse != b.nse or not _same_pattern(a, b):
+    if a.block_shape != b.block_shape or a.nse != b.nse or not ops.same_indices(a, b):
         raise ValueError(
             "add: BCSR operands must share the same pattern (block shape, indices and "
             f"indptr); got block shapes {a.block_shape} / {b.block_shape} and nse "
             f"{a.nse} / {b.nse}. Under jit, patterns can only be compared when they are "
             "the same arrays; use a.with_data(a.data + b.data) to assert it yourself."
         )
-    return a._replace(data=a.data + b.data)
-
-
-def _same_pattern(a: BCSR, b: BCSR) -> bool:
-    if a.indices is b.indices and a.indptr is b.indptr:
-        return True
-    leaves = (a.indices, a.indptr, b.indices, b.indptr)
-    if all(_is_concrete(x) for x in leaves):
-        return bool(
-            np.array_equal(np.asarray(a.indices), np.asarray(b.indices))
-            and np.array_equal(np.asarray(a.indptr), np.asarray(b.indptr))
-        )
-    return False
-
-
-# Registers the "pallas" implementations (imports BCSR, so it comes last).
-from jsparse import _pallas  # noqa: E402, F401
+    return ops.add_entries(a, b)

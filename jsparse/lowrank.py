@@ -396,11 +396,8 @@ def _(a: LowRankSparse, x, *, impl):
     return run("matmul", LowRankSparse, impl, auto_order(a), a, x.T, transpose=True).T
 
 
-@ops.scale.register
+@ops._scale.register
 def _(a: LowRankSparse, s):
-    s = jnp.asarray(s)
-    if s.ndim != 0:
-        raise TypeError(f"LowRankSparse can only be scaled by a scalar, got shape {s.shape}")
     dtype = jnp.result_type(a.U, s)
     return a._replace(
         U=(a.U * s).astype(dtype), V=a.V.astype(dtype), S_data=(a.S_data * s).astype(dtype)

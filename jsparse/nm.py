@@ -657,35 +657,18 @@ def _(pattern: NM, x, y):
 
 
 # ---------------------------------------------------------------- ops: elementwise
-@ops.scale.register
-def _(a: NM, s):
-    s = jnp.asarray(s)
-    if s.ndim != 0:
-        raise TypeError(f"NM can only be scaled by a scalar, got shape {s.shape}")
-    return a._replace(values=(a.values * s).astype(jnp.result_type(a.values, s)))
-
-
-@ops._map_values.register
-def _(a: NM, fn):
-    return a._replace(values=fn(a.values))
+ops._scale.register(NM)(ops.scale_entries)
+ops._map_values.register(NM)(ops.map_entries)
 
 
 @ops._add.register
 def _(a: NM, b: NM):
     same_config = (a.n, a.m, a.axis) == (b.n, b.m, b.axis)
-    if not same_config or not _same_pattern(a, b):
+    if not same_config or not ops.same_indices(a, b):
         raise ValueError(
             "add: NM operands must share the same pattern (n, m, axis and positions); got "
             f"{a.n}:{a.m} axis {a.axis} and {b.n}:{b.m} axis {b.axis}. Under jit, patterns "
             "can only be compared when they are the same arrays; use "
             "a.with_values(a.values + b.values) to assert it yourself."
         )
-    return a._replace(values=a.values + b.values)
-
-
-def _same_pattern(a: NM, b: NM) -> bool:
-    if a.positions is b.positions:
-        return True
-    if _is_concrete(a.positions) and _is_concrete(b.positions):
-        return bool(np.array_equal(np.asarray(a.positions), np.asarray(b.positions)))
-    return False
+    return ops.add_entries(a, b)

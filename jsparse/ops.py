@@ -17,11 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsparse._base import AbstractSparseMatrix
+from jsparse._base import AbstractSparseMatrix, _is_concrete
 from jsparse._dispatch import check_impl
 
 __all__ = [
     "add",
+    "add_entries",
+    "map_entries",
+    "same_indices",
+    "scale_entries",
     "dense_sparse_matmul",
     "map_values",
     "matmul",
@@ -60,8 +64,7 @@ def _sddmm(pattern, x: jax.Array, y: jax.Array):
 
 
 @functools.singledispatch
-def scale(a, s):
-    """``s * a`` for a scalar ``s``, in ``a``'s format."""
+def _scale(a, s):
     raise _unsupported("scale", a)
 
 
@@ -209,6 +212,18 @@ def sddmm(x, y, pattern):
     return _sddmm(pattern, x.astype(dtype), y.astype(dtype))
 
 
+def scale(a, s):
+    """``s * a`` for a scalar ``s``, in ``a``'s format.
+
+    Raises:
+      TypeError: ``s`` is not a scalar.
+    """
+    s = jnp.asarray(s)
+    if s.ndim != 0:
+        raise TypeError(f"{type(a).__name__} can only be scaled by a scalar, got shape {s.shape}")
+    return _scale(a, s)
+
+
 def map_values(fn: Callable[[jax.Array], jax.Array], a):
     """Apply a zero-preserving elementwise ``fn`` to the stored values of ``a``.
 
@@ -243,3 +258,43 @@ def add(a, b):
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"add: shapes differ: {a.shape} and {b.shape}")
     return _add(a, b)
+
+
+# ------------------------------------------------------------ entrywise formats
+# Formats whose value leaves *are* matrix entries (BCSR, NM) share these hook
+# implementations: scaling, zero-preserving maps and same-pattern sums act on the
+# value leaves and keep the index leaves.
+def _index_fields(a: AbstractSparseMatrix) -> list[str]:
+    return [f for f in a._leaf_fields if f not in a._value_fields]
+
+
+def same_indices(a: AbstractSparseMatrix, b: AbstractSparseMatrix) -> bool:
+    """Whether ``a`` and ``b`` hold the same index leaves: the same arrays, or equal
+    concrete arrays. Traced arrays that are not the same objects cannot be compared,
+    so they count as different."""
+    pairs = [(getattr(a, f), getattr(b, f)) for f in _index_fields(a)]
+    if all(x is y for x, y in pairs):
+        return True
+    if all(_is_concrete(x) and _is_concrete(y) for x, y in pairs):
+        return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
+    return False
+
+
+def scale_entries(a: AbstractSparseMatrix, s: jax.Array):
+    """``_scale`` hook for entrywise formats: every value leaf times the scalar ``s``."""
+    return a._replace(
+        **{
+            f: (getattr(a, f) * s).astype(jnp.result_type(getattr(a, f), s))
+            for f in a._value_fields
+        }
+    )
+
+
+def map_entries(a: AbstractSparseMatrix, fn):
+    """``_map_values`` hook for entrywise formats: ``fn`` on every value leaf."""
+    return a._replace(**{f: fn(getattr(a, f)) for f in a._value_fields})
+
+
+def add_entries(a: AbstractSparseMatrix, b: AbstractSparseMatrix):
+    """Sum of the value leaves of two entrywise matrices known to share a pattern."""
+    return a._replace(**{f: getattr(a, f) + getattr(b, f) for f in a._value_fields})

@@ -10,9 +10,14 @@ multiplies one block by a dynamic slice of ``x`` and accumulates into a dynamic
 slice of the output keeps everything in cache (see docs/benchmarks.md). Small
 blocks are processed ``chunk`` at a time (gather + scatter-add of a small chunk)
 so that each step carries enough work to amortise the loop overhead.
+
+The kernels are jitted with static shapes so that eager calls hit the compile
+cache instead of re-tracing and re-compiling the scan on every call.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +57,7 @@ def _chunked(data, row_ids, col_ids, chunk):
     )
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "transpose"))
 def spmm(
     data: jax.Array,
     row_ids: jax.Array,
@@ -112,6 +118,7 @@ def spmm(
     return out.reshape(out_rows, n).astype(x.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("block_shape",))
 def sddmm(
     u: jax.Array,
     v: jax.Array,
@@ -163,6 +170,7 @@ def sddmm(
     return blocks.reshape(-1, bm, bn)[:nse].astype(u.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("shape",))
 def todense(
     data: jax.Array, row_ids: jax.Array, col_ids: jax.Array, *, shape: tuple[int, int]
 ) -> jax.Array:
