@@ -4,7 +4,8 @@ Formats are pytrees you can ``jit``, ``vmap`` and ``grad`` through; matmuls with
 dense operand on either side have exact sparse gradients.
 """
 
-from jsparse import nn, ops, train
+# _pallas registers the "pallas" implementations of every format.
+from jsparse import _pallas, nn, ops, train  # noqa: F401
 from jsparse._base import AbstractSparseMatrix
 from jsparse._dispatch import implementations, register_impl
 from jsparse.bcsr import BCSR

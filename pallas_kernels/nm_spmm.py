@@ -223,6 +223,34 @@ def _check(values, positions, n, m):
     return values.shape[0], values.shape[1] // n * m
 
 
+def _spmm_call(values, positions, x, *, n, m, transpose, backend, config, interpret):
+    """``A @ x`` or ``A.T @ x``: one program per output tile, looping over the
+    contraction in steps of a tile (rows of ``A`` when transposed, columns otherwise)."""
+    name = "nm_spmm_t" if transpose else "nm_spmm"
+    rows, cols = _check(values, positions, n, m)
+    k_in, k_out = (rows, cols) if transpose else (cols, rows)
+    if x.shape[0] != k_in:
+        raise ValueError(f"{name}: x must have {k_in} rows, got {x.shape}")
+    cfg = config or plan_nm((rows, cols), n, m, x.shape[1], x.dtype, backend=backend)
+    width = _round_up(max(x.shape[1], 1), cfg.tn)
+    rows_p, cols_p = cfg.padded(rows, cols)
+    in_p, out_p = (rows_p, cols_p) if transpose else (cols_p, rows_p)
+    out_tile, step_tile = (cfg.tk, cfg.tm) if transpose else (cfg.tm, cfg.tk)
+    kernel = _spmm_t_kernel if transpose else _spmm_kernel
+    values, positions = _pad_nm(values.astype(x.dtype), positions, rows_p, cols_p, n, m)
+    y = pl.pallas_call(
+        functools.partial(kernel, cfg=cfg, steps=in_p // step_tile),
+        grid=(out_p // out_tile, width // cfg.tn),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=pl.BlockSpec((out_tile, cfg.tn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((out_p, width), x.dtype),
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name=name,
+    )(values, positions, _pad_to(x, in_p, width))
+    return y[:k_out, : x.shape[1]]
+
+
 @functools.partial(jax.jit, static_argnames=("n", "m", "backend", "config", "interpret"))
 def nm_spmm(values, positions, x, *, n: int, m: int, backend="gpu", config=None, interpret=False):
     """``A @ x`` for ``A`` grouped along its columns; ``x`` ``(C, N)`` -> ``(R, N)``.
@@ -231,47 +259,33 @@ def nm_spmm(values, positions, x, *, n: int, m: int, backend="gpu", config=None,
       ValueError: inconsistent shapes.
       NotImplementedError: TPU backend, dtype or shape the tiles do not handle.
     """
-    rows, cols = _check(values, positions, n, m)
-    if x.shape[0] != cols:
-        raise ValueError(f"nm_spmm: x must have {cols} rows, got {x.shape}")
-    cfg = config or plan_nm((rows, cols), n, m, x.shape[1], x.dtype, backend=backend)
-    width = _round_up(max(x.shape[1], 1), cfg.tn)
-    rows_p, cols_p = cfg.padded(rows, cols)
-    values, positions = _pad_nm(values.astype(x.dtype), positions, rows_p, cols_p, n, m)
-    y = pl.pallas_call(
-        functools.partial(_spmm_kernel, cfg=cfg, steps=cols_p // cfg.tk),
-        grid=(rows_p // cfg.tm, width // cfg.tn),
-        in_specs=[pl.no_block_spec] * 3,
-        out_specs=pl.BlockSpec((cfg.tm, cfg.tn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((rows_p, width), x.dtype),
-        compiler_params=_compiler_params(cfg),
+    return _spmm_call(
+        values,
+        positions,
+        x,
+        n=n,
+        m=m,
+        transpose=False,
+        backend=backend,
+        config=config,
         interpret=interpret,
-        name="nm_spmm",
-    )(values, positions, _pad_to(x, cols_p, width))
-    return y[:rows, : x.shape[1]]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "backend", "config", "interpret"))
 def nm_spmm_t(values, positions, x, *, n: int, m: int, backend="gpu", config=None, interpret=False):
     """``A.T @ x`` for ``A`` grouped along its columns; ``x`` ``(R, N)`` -> ``(C, N)``."""
-    rows, cols = _check(values, positions, n, m)
-    if x.shape[0] != rows:
-        raise ValueError(f"nm_spmm_t: x must have {rows} rows, got {x.shape}")
-    cfg = config or plan_nm((rows, cols), n, m, x.shape[1], x.dtype, backend=backend)
-    width = _round_up(max(x.shape[1], 1), cfg.tn)
-    rows_p, cols_p = cfg.padded(rows, cols)
-    values, positions = _pad_nm(values.astype(x.dtype), positions, rows_p, cols_p, n, m)
-    y = pl.pallas_call(
-        functools.partial(_spmm_t_kernel, cfg=cfg, steps=rows_p // cfg.tm),
-        grid=(cols_p // cfg.tk, width // cfg.tn),
-        in_specs=[pl.no_block_spec] * 3,
-        out_specs=pl.BlockSpec((cfg.tk, cfg.tn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((cols_p, width), x.dtype),
-        compiler_params=_compiler_params(cfg),
+    return _spmm_call(
+        values,
+        positions,
+        x,
+        n=n,
+        m=m,
+        transpose=True,
+        backend=backend,
+        config=config,
         interpret=interpret,
-        name="nm_spmm_t",
-    )(values, positions, _pad_to(x, rows_p, width))
-    return y[:cols, : x.shape[1]]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "backend", "config", "interpret"))

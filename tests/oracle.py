@@ -88,3 +88,11 @@ def gather_dense_grad(a, dense_fn):
 
 def value_leaves(a) -> dict[str, jax.Array]:
     return {f: getattr(a, f) for f in a._value_fields}
+
+
+def np_init(key, shape, dtype=jnp.float32):
+    """A lecun-normal-like initializer drawn with NumPy (jax.random would compile a
+    sampler per shape; the tests only need fixed, well-scaled kernels)."""
+    seed = int(np.prod(shape)) + len(shape)
+    w = np.random.default_rng(seed).standard_normal(shape) / np.sqrt(shape[0])
+    return jnp.asarray(w, dtype)

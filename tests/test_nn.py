@@ -22,15 +22,7 @@ from jsparse.nn import (
     sparsify,
 )
 
-from oracle import assert_close
-
-
-def np_init(key, shape, dtype=jnp.float32):
-    """A lecun-normal-like initializer drawn with NumPy (jax.random would compile a
-    sampler per shape; the tests only need fixed, well-scaled kernels)."""
-    seed = int(np.prod(shape)) + len(shape)
-    w = np.random.default_rng(seed).standard_normal(shape) / np.sqrt(shape[0])
-    return jnp.asarray(w, dtype)
+from oracle import assert_close, np_init
 
 
 class MLP(nnx.Module):
