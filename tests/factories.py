@@ -49,6 +49,8 @@ FACTORIES: list[Factory] = [
     Factory("bcsr_1x1", _bcsr((1, 1), 0.3), ((12, 20),)),
     Factory("bcsr_4x8", _bcsr((4, 8), 0.4), ((32, 24),)),
     Factory("bcsr_32x32", _bcsr((32, 32), 0.5), ((64, 96),)),
+    # >= 64x64 blocks take the batched (both-cores) path of the XLA spmm.
+    Factory("bcsr_64x128", _bcsr((64, 128), 0.5), ((192, 256),)),
     Factory("bcsr_empty", _bcsr((4, 4), 0.0), ((8, 12),)),
     Factory("bcsr_full", _bcsr((2, 2), 1.0), ((6, 4),)),
     Factory("monarch_b4", _monarch(4), ((32, 16), (16, 48))),
