@@ -3,36 +3,15 @@ the same (pruned) matrix, forward and gradient, plus stored bytes."""
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsparse._benchmarks.timing import markdown_table
+from jsparse._benchmarks.timing import markdown_table, paired_speedup
 from jsparse.nm import NM
 from jsparse.ops import matmul
 
 IMPLS = ("xla", "dense", "auto")
-
-
-def _paired(reference, ref_args, candidate, cand_args, reps: int = 9) -> tuple[float, float]:
-    """(median reference seconds, median of per-pair speedups reference / candidate).
-
-    The two functions alternate, so a burst of load on a shared machine hits both
-    sides of a pair; the ratio is far steadier than a ratio of separate medians.
-    """
-
-    def once(f, args):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        return time.perf_counter() - start
-
-    for _ in range(2):
-        once(reference, ref_args), once(candidate, cand_args)
-    pairs = [(once(reference, ref_args), once(candidate, cand_args)) for _ in range(reps)]
-    ref = np.array([p[0] for p in pairs])
-    return float(np.median(ref)), float(np.median(ref / np.array([p[1] for p in pairs])))
 
 
 def _forward_row(a: NM, x: jax.Array) -> list:
@@ -41,7 +20,7 @@ def _forward_row(a: NM, x: jax.Array) -> list:
     times, row = [], []
     for impl in IMPLS:
         f = jax.jit(lambda a, x, impl=impl: matmul(a, x, impl=impl))
-        t_dense, speedup = _paired(dense, (dense_w, x), f, (a, x))
+        t_dense, speedup = paired_speedup(dense, (dense_w, x), f, (a, x))
         times.append(t_dense)
         row.append(speedup)
     return [x.shape[1], float(np.median(times)) * 1e3, *row]
@@ -58,7 +37,7 @@ def _grad_row(a: NM, x: jax.Array) -> list:
 
     g_dense = jax.jit(jax.value_and_grad(loss_dense, argnums=(0, 1)))
     g_sparse = jax.jit(jax.value_and_grad(loss_sparse, argnums=(0, 1)))
-    t_dense, speedup = _paired(g_dense, (a.todense(), x), g_sparse, (a.values, x), reps=5)
+    t_dense, speedup = paired_speedup(g_dense, (a.todense(), x), g_sparse, (a.values, x), reps=5)
     return [x.shape[1], t_dense * 1e3, speedup]
 
 
