@@ -22,23 +22,37 @@ def median_time(fn: Callable, *args, reps: int = 7, warmup: int = 2) -> float:
 
 
 def paired_speedup(
-    reference: Callable, ref_args: Sequence, candidate: Callable, cand_args: Sequence, reps: int = 9
+    reference: Callable,
+    ref_args: Sequence,
+    candidate: Callable,
+    cand_args: Sequence,
+    reps: int = 9,
+    run: int = 1,
 ) -> tuple[float, float]:
-    """(median reference seconds, median of per-pair speedups reference / candidate).
+    """(median reference seconds, median over rounds of reference / candidate time).
 
-    The two functions alternate, so a burst of load on a shared machine hits both
-    sides of a pair; the ratio is far steadier than a ratio of separate medians.
+    Each of ``reps`` rounds times ``run`` consecutive calls of each function and
+    compares their medians. The rounds alternate the two functions, so a burst of load
+    on a shared machine hits both sides of a round and the ratio is far steadier than
+    a ratio of two separate medians. ``run=1`` alternates single calls; a longer run
+    measures each side in its own warm steady state (caches, clock speed), as a loop
+    of many calls would see it.
     """
 
-    def once(f, args):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        return time.perf_counter() - start
+    def median_run(f, args):
+        times = []
+        for _ in range(run):
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - start)
+        return np.median(times)
 
     for _ in range(2):
-        once(reference, ref_args), once(candidate, cand_args)
-    pairs = np.array([(once(reference, ref_args), once(candidate, cand_args)) for _ in range(reps)])
-    return float(np.median(pairs[:, 0])), float(np.median(pairs[:, 0] / pairs[:, 1]))
+        median_run(reference, ref_args), median_run(candidate, cand_args)
+    rounds = np.array(
+        [(median_run(reference, ref_args), median_run(candidate, cand_args)) for _ in range(reps)]
+    )
+    return float(np.median(rounds[:, 0])), float(np.median(rounds[:, 0] / rounds[:, 1]))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
