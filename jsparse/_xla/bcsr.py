@@ -15,7 +15,7 @@ Large blocks (>= 64x64) are also processed a few at a time, as one batched produ
 whose left operand contracts its *leading* block axis (the blocks are passed
 transposed for ``A @ x``). XLA:CPU sends a row-major f32 dot to a single-threaded
 YNNPACK kernel, but a dot with a transposed left operand to its Eigen kernel, which
-runs the products of a batch on both cores of this machine: about 1.3x faster at
+runs the products of a batch on both cores of this machine: about 1.2x faster at
 64x64 (docs/benchmarks.md). The arithmetic is the same either way; only the speed
 depends on this XLA:CPU behaviour.
 
