@@ -465,15 +465,7 @@ def auto_order(a: BCSR) -> list[str]:
     return ["xla", "dense"]
 
 
-@ops.sparse_dense_matmul.register
-def _(a: BCSR, x, *, impl):
-    return run("matmul", BCSR, impl, with_pallas(auto_order(a)), a, x, transpose=False)
-
-
-@ops.dense_sparse_matmul.register
-def _(a: BCSR, x, *, impl):
-    # x @ A = (A.T @ x.T).T; the transposed product never forms A.T.
-    return run("matmul", BCSR, impl, with_pallas(auto_order(a)), a, x.T, transpose=True).T
+ops.register_matmul(BCSR, lambda a: with_pallas(auto_order(a)))
 
 
 # ---------------------------------------------------------------- ops: sddmm

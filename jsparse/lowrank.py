@@ -17,7 +17,7 @@ from jsparse._base import (
     check_float_dtype,
     register_format,
 )
-from jsparse._dispatch import register_impl, run
+from jsparse._dispatch import register_impl
 from jsparse._xla.monarch import svd as _svd
 from jsparse.bcsr import BCSR
 
@@ -386,14 +386,7 @@ def auto_order(a: LowRankSparse) -> list[str]:
     return ["dense", "xla"]
 
 
-@ops.sparse_dense_matmul.register
-def _(a: LowRankSparse, x, *, impl):
-    return run("matmul", LowRankSparse, impl, auto_order(a), a, x, transpose=False)
-
-
-@ops.dense_sparse_matmul.register
-def _(a: LowRankSparse, x, *, impl):
-    return run("matmul", LowRankSparse, impl, auto_order(a), a, x.T, transpose=True).T
+ops.register_matmul(LowRankSparse, auto_order)
 
 
 @ops._scale.register

@@ -18,7 +18,7 @@ from jsparse._base import (
     check_float_dtype,
     register_format,
 )
-from jsparse._dispatch import register_impl, run, with_pallas
+from jsparse._dispatch import register_impl, with_pallas
 from jsparse._xla import monarch as xla
 
 __all__ = ["Monarch"]
@@ -326,14 +326,7 @@ def auto_order(a: Monarch) -> list[str]:
     return ["dense", "xla"]
 
 
-@ops.sparse_dense_matmul.register
-def _(a: Monarch, x, *, impl):
-    return run("matmul", Monarch, impl, with_pallas(auto_order(a)), a, x, transpose=False)
-
-
-@ops.dense_sparse_matmul.register
-def _(a: Monarch, x, *, impl):
-    return run("matmul", Monarch, impl, with_pallas(auto_order(a)), a, x.T, transpose=True).T
+ops.register_matmul(Monarch, lambda a: with_pallas(auto_order(a)))
 
 
 @ops._scale.register

@@ -631,15 +631,7 @@ def auto_order(a: NM) -> list[str]:
     return ["xla", "dense"]
 
 
-@ops.sparse_dense_matmul.register
-def _(a: NM, x, *, impl):
-    return run("matmul", NM, impl, with_pallas(auto_order(a)), a, x, transpose=False)
-
-
-@ops.dense_sparse_matmul.register
-def _(a: NM, x, *, impl):
-    # x @ A = (A.T @ x.T).T; the transposed product never forms A.T.
-    return run("matmul", NM, impl, with_pallas(auto_order(a)), a, x.T, transpose=True).T
+ops.register_matmul(NM, lambda a: with_pallas(auto_order(a)))
 
 
 # ---------------------------------------------------------------- ops: sddmm

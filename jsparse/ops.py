@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsparse._base import AbstractSparseMatrix, _is_concrete
-from jsparse._dispatch import check_impl
+from jsparse._dispatch import AutoOrder, check_impl, run
 
 __all__ = [
     "add",
@@ -56,6 +56,22 @@ def dense_sparse_matmul(a, x: jax.Array, *, impl: str) -> jax.Array:
     Note the argument order: the sparse operand comes first, for dispatch.
     """
     raise _unsupported("matmul", a)
+
+
+def register_matmul(fmt: type, auto_order: Callable[..., AutoOrder]) -> None:
+    """Route both matmul hooks of ``fmt`` through the registry's ``"matmul"`` kernels.
+
+    ``auto_order(a)`` gives the ``impl="auto"`` candidates for ``a``. ``x @ A`` is run
+    as ``(A.T @ x.T).T`` with ``transpose=True``, so no kernel forms ``A.T``.
+    """
+
+    @sparse_dense_matmul.register(fmt)
+    def _(a, x, *, impl):
+        return run("matmul", fmt, impl, auto_order(a), a, x, transpose=False)
+
+    @dense_sparse_matmul.register(fmt)
+    def _(a, x, *, impl):
+        return run("matmul", fmt, impl, auto_order(a), a, x.T, transpose=True).T
 
 
 @functools.singledispatch
