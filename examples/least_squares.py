@@ -25,13 +25,13 @@ def main(steps: int = 300, dim: int = 1024, batch: int = 256, seed: int = 0) -> 
     k_w, k_x = jax.random.split(jax.random.key(seed))
     teacher = jsparse.BCSR.random(k_w, (dim, dim), density=0.1, block_shape=(32, 32))
     teacher = teacher / jnp.sqrt(dim * teacher.density)  # unit-variance outputs
-    student = teacher.with_data(jnp.zeros_like(teacher.data))
+    student = teacher.with_values(jnp.zeros_like(teacher.data))
 
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(student.data)  # (nse, 32, 32): 10% of a dense state
 
     def loss_fn(data, x, y):
-        pred = x @ student.with_data(data)
+        pred = x @ student.with_values(data)
         return jnp.mean((pred - y) ** 2)
 
     @jax.jit

@@ -4,33 +4,36 @@ Formats are pytrees you can ``jit``, ``vmap`` and ``grad`` through; matmuls with
 dense operand on either side have exact sparse gradients.
 """
 
-# _pallas registers the "pallas" implementations of every format.
-from jsparse import _pallas, nn, ops, train  # noqa: F401
-from jsparse._base import AbstractSparseMatrix
-from jsparse._dispatch import implementations, register_impl
-from jsparse.bcsr import BCSR
-from jsparse.lowrank import LowRankSparse
-from jsparse.monarch import Monarch
-from jsparse.nm import NM, is_nm, nm_mask
-from jsparse.ops import add, map_values, matmul, scale, sddmm, todense, transpose
+from jsparse import core, extend, formats, nn, train  # noqa: F401
+from jsparse.core import (
+    AbstractSparseMatrix,
+    add,
+    implementations,
+    map_values,
+    matmul,
+    scale,
+    sddmm,
+    todense,
+    transpose,
+)
+from jsparse.formats import BCSR, NM, LowRankSparse, Monarch, is_nm, nm_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BCSR",
+    "NM",
     "AbstractSparseMatrix",
     "LowRankSparse",
     "Monarch",
-    "NM",
     "add",
+    "extend",
     "implementations",
     "is_nm",
     "map_values",
     "matmul",
     "nm_mask",
     "nn",
-    "ops",
-    "register_impl",
     "scale",
     "sddmm",
     "todense",

@@ -4,13 +4,10 @@ Every format is described by a :class:`Factory` that builds a random matrix of t
 format; ``tests/test_oracle.py`` runs every op over every factory — eager, under
 ``jit``, under ``vmap`` (over the dense operand and over the values) and under
 ``grad`` — and compares with the same computation on ``a.todense()``. A new format
-gets the whole suite by adding a factory to ``FACTORIES``.
+gets the whole suite by listing ``oracle_examples`` (tests/factories.py discovers them).
 """
 
 from __future__ import annotations
-
-import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,22 +41,8 @@ def assert_close(actual, expected, dtype, k: int = 1, err_msg: str = "") -> None
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Factory:
-    """How to build a random matrix of one format.
-
-    Attributes:
-      name: test id.
-      make: ``make(key, shape, dtype) -> format`` with standard-normal-scale values.
-      shapes: 2-D shapes the factory accepts (each op is tested on each).
-    """
-
-    name: str
-    make: Callable[[jax.Array, tuple[int, int], object], jsparse.AbstractSparseMatrix]
-    shapes: tuple[tuple[int, int], ...]
-
-    def __repr__(self) -> str:
-        return self.name
+# How to build a random matrix of one format (name, make(key, shape, dtype), shapes).
+Factory = jsparse.extend.OracleExample
 
 
 def value_axes(a: jsparse.AbstractSparseMatrix, axis=0):

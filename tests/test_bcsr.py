@@ -70,7 +70,9 @@ def test_random_density_and_dtype():
     )
     assert a.nse == round(0.25 * 8 * 8) and a.dtype == jnp.bfloat16
     a.validate()
-    assert a.nbytes == a.data.nbytes + a.indices.nbytes + a.indptr.nbytes
+    # 16 bf16 blocks of 8x4 (1024 B); int32 indices, row_ids, col_order (3 x 64 B);
+    # indptr and col_ptr over 8 block-rows / block-columns (2 x 36 B).
+    assert a.nbytes == 1024 + 3 * 64 + 2 * 36
 
 
 def test_transpose_under_jit():
@@ -84,7 +86,7 @@ def test_transpose_under_jit():
 def test_pytree_structure_and_key_paths():
     a = BCSR.random(jax.random.key(2), (8, 8), density=0.5, block_shape=(2, 2))
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
-    assert paths == [".data", ".indices", ".indptr"]
+    assert paths == [".data", ".indices", ".indptr", ".row_ids", ".col_ptr", ".col_order"]
     assert "BCSR(shape=(8, 8)" in repr(a)
 
 
@@ -211,12 +213,11 @@ def test_mixed_dtypes_promote():
 
 # ---------------------------------------------------------------- auto impl
 def test_auto_picks_dense_for_dense_patterns():
-    from jsparse.bcsr import auto_order
 
     dense = BCSR.random(jax.random.key(7), (64, 64), density=0.6, block_shape=(32, 32))
     sparse = BCSR.random(jax.random.key(7), (320, 320), density=0.1, block_shape=(32, 32))
-    assert auto_order(dense)[0] == "dense"
-    assert auto_order(sparse)[0] != "dense"
+    assert dense.auto_order("matmul")["default"][0] == "dense"
+    assert sparse.auto_order("matmul")["default"][0] != "dense"
 
 
 # ---------------------------------------------------------------- sddmm
@@ -229,7 +230,7 @@ def test_sddmm_matches_masked_dense(block_shape):
     out = jax.jit(jsparse.sddmm)(x, y, pattern)
     assert isinstance(out, BCSR) and out.nse == pattern.nse
     np.testing.assert_array_equal(out.indices, pattern.indices)
-    mask = pattern.with_data(jnp.ones_like(pattern.data)).todense()
+    mask = pattern.with_values(jnp.ones_like(pattern.data)).todense()
     assert_close(out.todense(), (x @ y) * mask, jnp.float32, j)
 
     # gradients with respect to both dense factors
@@ -274,13 +275,13 @@ def test_scale_map_add():
         a * jnp.ones(3)
     other = BCSR.random(jax.random.key(14), (8, 6), density=0.5, block_shape=(2, 2))
     with pytest.raises(ValueError, match="same pattern"):
-        a + other.with_data(other.data)  # same nse, different pattern
+        a + other.with_values(other.data)  # same nse, different pattern
     with pytest.raises(ValueError, match="same pattern"):
         jax.jit(lambda a, b: a + b)(a, a)  # under jit: cannot verify separate arguments
     with pytest.raises(ValueError, match="shapes differ"):
         a + BCSR.random(jax.random.key(14), (6, 8), density=0.5, block_shape=(2, 2))
-    with pytest.raises(ValueError, match="with_data: new data has shape"):
-        a.with_data(jnp.ones((1, 2, 2)))
+    with pytest.raises(ValueError, match="with_values: new data have shape"):
+        a.with_values(jnp.ones((1, 2, 2)))
 
 
 # ---------------------------------------------------------------- interop

@@ -27,7 +27,7 @@ def _planted(key, shape=(40, 32), rank=2, nse=12, block_shape=(1, 1), magnitude=
         density=nse / (shape[0] * shape[1] // np.prod(block_shape)),
         block_shape=block_shape,
     )
-    s0 = s0.with_data(magnitude * jnp.sign(s0.data) + s0.data)
+    s0 = s0.with_values(magnitude * jnp.sign(s0.data) + s0.data)
     return low, s0
 
 
@@ -36,9 +36,9 @@ def test_members_and_S_view():
     assert a.shape == (16, 24) and a.rank == 3 and a.dtype == jnp.float32
     assert isinstance(a.S, BCSR) and a.S.shape == (16, 24) and a.S.block_shape == (4, 4)
     assert_close(a.todense(), a.U @ a.V + a.S.todense(), jnp.float32, 3)
-    assert a.nparams == 3 * (16 + 24) + a.S.nse * 16
+    assert a.nstored == 3 * (16 + 24) + a.S.nse * 16
     leaves = jax.tree_util.tree_leaves(a)
-    assert len(leaves) == 5
+    assert len(leaves) == 2 + len(BCSR._leaf_fields)
     assert a.nbytes == sum(x.nbytes for x in leaves)
     empty = LowRankSparse(a.U, a.V)
     assert empty.S.nse == 0

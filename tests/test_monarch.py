@@ -52,7 +52,7 @@ def test_definition_and_block_rank(shape, nblocks, block_rank):
     q = w.nblocks * w.block_rank
     assert w.left.shape == (nblocks, shape[0] // nblocks, q)
     assert w.right.shape == (nblocks, q, shape[1] // nblocks)
-    assert w.nparams == q * (shape[0] + shape[1])
+    assert w.nstored == q * (shape[0] + shape[1])
     d = np.asarray(w.todense())
     np.testing.assert_allclose(d, _entrywise(w), rtol=1e-5, atol=1e-6)
     s, p = w.block_shape
@@ -61,7 +61,7 @@ def test_definition_and_block_rank(shape, nblocks, block_rank):
 
 
 def test_default_block_rank():
-    from jsparse.monarch import _check_blocks
+    from jsparse.formats.monarch.matrix import _check_blocks
 
     # ceil(min(m, n) / nblocks**2): square-ish factor blocks (q ~ min(m, n) / nblocks).
     assert _check_blocks((4096, 4096), 4, None) == (4, 256)
@@ -204,10 +204,9 @@ def test_scale_and_astype():
 
 
 def test_auto_order():
-    from jsparse.monarch import auto_order
 
-    assert auto_order(_random((64, 64), 8, None))[0] == "xla"
-    assert auto_order(_random((8, 12), 1, None))[0] == "dense"
+    assert _random((64, 64), 8, None).auto_order("matmul")["default"][0] == "xla"
+    assert _random((8, 12), 1, None).auto_order("matmul")["default"][0] == "dense"
 
 
 # ------------------------------------------------------------------ bad input
@@ -253,7 +252,7 @@ def test_bad_factors():
     with pytest.raises(TypeError, match="floating-point"):
         Monarch(jnp.ones((2, 3, 4), jnp.int32), jnp.ones((2, 4, 5), jnp.int32))
     w = _random((16, 16), 4, None)
-    with pytest.raises(ValueError, match=r"with_values: new factors"):
+    with pytest.raises(ValueError, match=r"with_values: new left have shape"):
         w.with_values(jnp.ones((4, 4, 8)), jnp.ones((4, 8, 4)))
     with pytest.raises(TypeError, match="scaled by a scalar"):
         jsparse.scale(w, jnp.ones(3))

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jsparse
-from jsparse._xla import nm as xla_nm
+from jsparse.formats.nm import xla as xla_nm
 
 from oracle import assert_close
 
@@ -277,7 +277,7 @@ def test_elementwise_ops():
     assert_close(jsparse.map_values(jnp.abs, a).todense(), jnp.abs(d), jnp.float32)
     assert_close(a.T.todense(), d.T, jnp.float32)
     assert a.T.axis == 0 and a.T.T.axis == 1
-    assert a.density == 0.5 and a.nse == 16
+    assert a.density == 0.5 and a.nstored == 16
 
 
 # ------------------------------------------------------------ sizes
@@ -615,7 +615,7 @@ def test_cotangent_has_float0_positions_and_transposes():
 @pytest.mark.parametrize("n,m,axis", [(2, 4, 0), (3, 8, 1), (1, 2, 1), (5, 16, 0)])
 def test_pairwise_mask_equals_sorting_mask_with_ties(n, m, axis):
     """nm_mask's pairwise ranking (m <= 16) keeps what compress's top_k keeps."""
-    from jsparse._xla import nm as xla
+    from jsparse.formats.nm import packing as xla
 
     x = np.array(jax.random.normal(jax.random.key(3), (32, 48)))
     x[:8] = 1.0  # whole groups of ties

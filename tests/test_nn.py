@@ -140,7 +140,13 @@ def test_layer_state_is_values_and_pattern():
     params = nnx.state(layer, nnx.Param)
     assert set(params) == {"kernel_data", "bias"}
     pattern = nnx.state(layer, SparsityPattern)
-    assert set(pattern) == {"kernel_indices", "kernel_indptr"}
+    assert set(pattern) == {
+        "kernel_indices",
+        "kernel_indptr",
+        "kernel_row_ids",
+        "kernel_col_ptr",
+        "kernel_col_order",
+    }
     assert all(jnp.issubdtype(v[...].dtype, jnp.integer) for v in pattern.values())
     layer.kernel.validate()
     # Neither a Param nor trainable.
@@ -204,7 +210,7 @@ def test_bad_sparsity(sparsity):
 
 def test_bad_block_shape():
     with pytest.raises(
-        ValueError, match=r"block_shape \(5, 4\) does not divide the kernel shape \(16, 16\)"
+        ValueError, match=r"block_shape \(5, 4\) does not divide the shape \(16, 16\)"
     ):
         SparseLinear(16, 16, sparsity=0.5, block_shape=(5, 4), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="must be positive"):
@@ -236,7 +242,7 @@ def test_monarch_linear_matches_dense_oracle():
 def test_monarch_from_linear_is_the_projection():
     linear = nnx.Linear(32, 16, kernel_init=np_init, rngs=nnx.Rngs(0))
     layer = MonarchLinear.from_linear(linear, nblocks=4)
-    expected = jsparse.monarch.Monarch.fromdense(linear.kernel[...], nblocks=4).todense()
+    expected = jsparse.Monarch.fromdense(linear.kernel[...], nblocks=4).todense()
     assert_close(layer.dense_kernel(), expected, jnp.float32, k=16)
     np.testing.assert_array_equal(layer.bias[...], linear.bias[...])
 

@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 
 import jsparse
-from jsparse._xla import bcsr as xla
-from pallas_kernels.bcsr_sddmm import SddmmConfig, bcsr_sddmm, bcsr_sddmm_reference
-from pallas_kernels.bcsr_spmm import (
+from jsparse.formats.bcsr import xla
+from pallas_kernels.bcsr import (
+    SddmmConfig,
     SpmmConfig,
+    bcsr_sddmm,
+    bcsr_sddmm_reference,
     bcsr_spmm,
     bcsr_spmm_reference,
     csc_view,
 )
+from pallas_kernels.common import Unsupported
 
 from oracle import assert_close
 
@@ -36,6 +39,15 @@ def _matrix(shape, block_shape, density, dtype, *, empty_rows=(), seed=0):
     for r in empty_rows:
         d = d.at[r * bm : (r + 1) * bm].set(0)
     return jsparse.BCSR.fromdense(d, block_shape=block_shape)
+
+
+def _spmm_operands(a, transpose):
+    """``(ptr, src)`` and ``perm=`` for :func:`bcsr_spmm`: CSR order for ``A @ X``,
+    the CSC view for ``A.T @ X``."""
+    if not transpose:
+        return (a.indptr, a.indices), {}
+    colptr, perm, rows = csc_view(a.indptr, a.indices, a.shape[1] // a.block_shape[1])
+    return (colptr, rows), {"perm": perm}
 
 
 # (block shape, shape, N, dtype, empty block-rows)
@@ -58,14 +70,15 @@ def test_spmm_interpret(case, transpose, backend):
     block_shape, shape, n, dtype, empty = case
     a = _matrix(shape, block_shape, 0.4, dtype, empty_rows=empty)
     x = jax.random.normal(jax.random.key(1), (shape[0] if transpose else shape[1], n), dtype)
+    (ptr, src), perm = _spmm_operands(a, transpose)
     call = functools.partial(
-        bcsr_spmm, shape=shape, transpose=transpose, backend=backend, interpret=True
+        bcsr_spmm, shape=shape, transpose=transpose, backend=backend, interpret=True, **perm
     )
     if backend == "tpu" and case in GPU_ONLY:
-        with pytest.raises(NotImplementedError, match="multiples of 8"):
-            call(a.data, a.indptr, a.indices, x)
+        with pytest.raises(Unsupported, match="multiples of 8"):
+            call(a.data, ptr, src, x)
         return
-    y = call(a.data, a.indptr, a.indices, x)
+    y = call(a.data, ptr, src, x)
     assert y.shape == (shape[1] if transpose else shape[0], n) and y.dtype == dtype
     expected = xla.spmm(a.data, a.row_ids, a.indices, x, shape=shape, transpose=transpose)
     w = a.todense().astype(jnp.float32)
@@ -85,7 +98,7 @@ def test_sddmm_interpret(case, backend):
     v = jax.random.normal(jax.random.key(3), (shape[1], j), dtype)
     call = functools.partial(bcsr_sddmm, block_shape=block_shape, backend=backend, interpret=True)
     if backend == "tpu" and case in GPU_ONLY:
-        with pytest.raises(NotImplementedError, match="multiples of 8"):
+        with pytest.raises(Unsupported, match="multiples of 8"):
             call(u, v, a.row_ids, a.indices)
         return
     out = call(u, v, a.row_ids, a.indices)
@@ -93,7 +106,9 @@ def test_sddmm_interpret(case, backend):
     expected = xla.sddmm(u, v, a.row_ids, a.indices, block_shape=block_shape)
     assert_close(out, expected, dtype, j)
     dense = u.astype(jnp.float32) @ v.astype(jnp.float32).T
-    gathered = xla.gather_blocks(dense, a.row_ids, a.indices, block_shape=block_shape)
+    bm, bn = block_shape
+    grid = dense.reshape(dense.shape[0] // bm, bm, dense.shape[1] // bn, bn).transpose(0, 2, 1, 3)
+    gathered = grid[a.row_ids, a.indices]
     assert_close(out, gathered, dtype, j)
     assert_close(bcsr_sddmm_reference(u, v, a.row_ids, a.indices, block_shape=block_shape),
                  expected, dtype, j)  # fmt: skip
@@ -120,6 +135,24 @@ def test_csc_view():
     np.testing.assert_array_equal(np.asarray(colptr), np.searchsorted(cols, np.arange(7)))
 
 
+def test_spmm_positions_and_perm():
+    """Position ``p`` reads stored block ``perm[p]`` (``p`` without ``perm``), in
+    either direction; ``ptr`` must fit the output block-rows."""
+    a = _matrix((32, 48), (8, 8), 0.4, jnp.float32, empty_rows=(1,))
+    x = jax.random.normal(jax.random.key(8), (48, 3))
+    call = functools.partial(bcsr_spmm, shape=a.shape, interpret=True)
+    y = call(a.data, a.indptr, a.indices, x)
+    identity = jnp.arange(a.nse, dtype=jnp.int32)
+    np.testing.assert_array_equal(call(a.data, a.indptr, a.indices, x, perm=identity), y)
+    reverse = identity[::-1]  # blocks stored in reverse order, read back through perm
+    np.testing.assert_array_equal(call(a.data[reverse], a.indptr, a.indices, x, perm=reverse), y)
+    with pytest.raises(ValueError, match="column pointer"):
+        call(a.data, a.indptr, a.indices, jnp.ones((32, 3)), transpose=True, perm=identity)
+    with pytest.raises(ValueError, match="src must be"):
+        call(a.data, a.indptr, a.indices[1:], x)
+    assert issubclass(Unsupported, ValueError)
+
+
 def test_configs():
     assert SpmmConfig.for_shapes((32, 32), 1).tn == 16  # skinny N: one tensor-core tile
     assert SpmmConfig.for_shapes((32, 32), 1000).tn == 128
@@ -130,9 +163,9 @@ def test_configs():
         SpmmConfig((32, 32), 0)
     with pytest.raises(ValueError, match="backend"):
         SpmmConfig((32, 32), 16, backend="metal")
-    with pytest.raises(NotImplementedError, match="power-of-two"):
+    with pytest.raises(Unsupported, match="power-of-two"):
         SpmmConfig((24, 32), 16)
-    with pytest.raises(NotImplementedError, match="power-of-two"):
+    with pytest.raises(Unsupported, match="power-of-two"):
         SddmmConfig((32, 32), 24)
     a = _matrix((32, 32), (16, 16), 0.5, jnp.float32)
     with pytest.raises(ValueError, match="does not match"):
@@ -146,9 +179,9 @@ def test_float64_is_not_implemented():
     with jax.enable_x64(True):
         a = _matrix((32, 32), (16, 16), 0.5, jnp.float64)
         x = jnp.ones((32, 2), jnp.float64)
-        with pytest.raises(NotImplementedError, match="float64"):
+        with pytest.raises(Unsupported, match="float64"):
             bcsr_spmm(a.data, a.indptr, a.indices, x, shape=a.shape, interpret=True)
-        with pytest.raises(NotImplementedError, match="pallas"):
+        with pytest.raises(ValueError, match="impl='pallas' cannot run matmul.*float64"):
             jsparse.matmul(a, x, impl="pallas")
         # auto never needs Pallas on CPU, and drops it from the accelerator branches
         assert_close(jax.jit(lambda a, x: a @ x)(a, x), a.todense() @ x, jnp.float64, 32)
@@ -177,14 +210,12 @@ def test_grad_pallas_matches_xla(left, dtype):
 
 
 def test_sddmm_grad_pallas_matches_xla():
-    from jsparse._dispatch import run
-
     pattern = _matrix((32, 48), (16, 16), 0.5, jnp.float32)
     x = jax.random.normal(jax.random.key(5), (32, 8))
     y = jax.random.normal(jax.random.key(6), (8, 48))
 
     def loss(x, y, impl):
-        out = run("sddmm", jsparse.BCSR, impl, ["xla"], pattern, x, y)
+        out = jsparse.sddmm(x, y, pattern, impl=impl)
         return jnp.sum(jnp.sin(out.data))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
@@ -196,7 +227,7 @@ def test_vmap_over_values_pallas():
     a = _matrix((32, 32), (16, 16), 0.5, jnp.float32)
     data = jnp.stack([a.data, -2 * a.data])
     x = jax.random.normal(jax.random.key(7), (32, 2))
-    out = jax.vmap(lambda d: jsparse.matmul(a.with_data(d), x, impl="pallas"))(data)
+    out = jax.vmap(lambda d: jsparse.matmul(a.with_values(d), x, impl="pallas"))(data)
     assert_close(out, jnp.stack([a.todense() @ x, -2 * a.todense() @ x]), jnp.float32, 32)
 
 
@@ -213,9 +244,12 @@ MOSAIC_TPU = "tpu_custom_call"
 def test_kernels_lower_for_accelerators(transpose):
     a = _matrix((64, 64), (16, 16), 0.5, jnp.bfloat16)
     x = jnp.ones((64, 8), jnp.bfloat16)
+    (ptr, src), perm = _spmm_operands(a, transpose)
     for backend, platform, marker in (("gpu", "cuda", TRITON), ("tpu", "tpu", MOSAIC_TPU)):
-        spmm = functools.partial(bcsr_spmm, shape=a.shape, transpose=transpose, backend=backend)
-        assert marker in _lowered(spmm, a.data, a.indptr, a.indices, x, platform=platform)
+        spmm = functools.partial(
+            bcsr_spmm, shape=a.shape, transpose=transpose, backend=backend, **perm
+        )
+        assert marker in _lowered(spmm, a.data, ptr, src, x, platform=platform)
         sddmm = functools.partial(bcsr_sddmm, block_shape=(16, 16), backend=backend)
         assert marker in _lowered(sddmm, x, x, a.row_ids, a.indices, platform=platform)
 

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import pytest
 
 import jsparse
-from jsparse._xla import monarch as xla_monarch
-from jsparse._xla import nm as xla_nm
+from jsparse.formats.monarch import xla as xla_monarch
+from jsparse.formats.nm import xla as xla_nm
+from pallas_kernels.common import Unsupported
 from pallas_kernels.monarch import monarch_matmul, monarch_matmul_reference, plan_monarch
-from pallas_kernels.nm_spmm import (
+from pallas_kernels.nm import (
     nm_sampled,
     nm_sampled_reference,
     nm_spmm,
@@ -64,9 +65,9 @@ def test_nm_kernels_interpret(case):
 
 
 def test_nm_planner():
-    with pytest.raises(NotImplementedError, match="tpu"):
+    with pytest.raises(Unsupported, match="tpu"):
         plan_nm((64, 64), 2, 4, 8, jnp.float32, backend="tpu")
-    with pytest.raises(NotImplementedError, match="float64"):
+    with pytest.raises(Unsupported, match="float64"):
         plan_nm((64, 64), 2, 4, 8, jnp.float64)
     cfg = plan_nm((64, 256), 2, 4, 1, jnp.float32)
     assert (cfg.tm, cfg.tk, cfg.tn) == (64, 128, 16) and cfg.padded(60, 200) == (64, 256)
@@ -116,9 +117,9 @@ def test_monarch_kernel_interpret(case):
 def test_monarch_planner():
     assert plan_monarch((4, 64, 64), (4, 64, 64), 8, jnp.bfloat16).use_dot
     assert not plan_monarch((4, 6, 8), (4, 8, 10), 8, jnp.float32).use_dot
-    with pytest.raises(NotImplementedError, match="256"):
+    with pytest.raises(Unsupported, match="256"):
         plan_monarch((2, 512, 8), (2, 8, 8), 8, jnp.float32)
-    with pytest.raises(NotImplementedError, match="tpu"):
+    with pytest.raises(Unsupported, match="tpu"):
         plan_monarch((4, 64, 64), (4, 64, 64), 8, jnp.float32, backend="tpu")
 
 

@@ -16,11 +16,11 @@ from jsparse.nn import SparseLinear, sparse_layers, sparsify
 from jsparse.train import (
     SET,
     SRSTE,
-    CosineDropFraction,
-    CubicSparsitySchedule,
     GradualMagnitudePruning,
     RigL,
     ValueRemap,
+    cosine_drop_fraction,
+    cubic_sparsity,
     erk,
     erk_sparsities,
     grow_and_drop,
@@ -75,25 +75,29 @@ def check_pattern(layer: SparseLinear, nse: int):
 
 # ------------------------------------------------------------------ schedules
 def test_cubic_schedule_documented_values():
-    s = CubicSparsitySchedule(0.9, begin_step=100, end_step=300, initial_sparsity=0.1, frequency=50)
+    s = cubic_sparsity(0.9, begin_step=100, end_step=300, initial_sparsity=0.1)
+    gmp = GradualMagnitudePruning(
+        0.9, begin_step=100, end_step=300, initial_sparsity=0.1, frequency=50
+    )
     assert float(s(0)) == pytest.approx(0.1)
     assert float(s(100)) == pytest.approx(0.1)
     assert float(s(200)) == pytest.approx(0.9 + (0.1 - 0.9) / 8)  # (1 - 1/2)^3
     assert float(s(300)) == pytest.approx(0.9)
     assert float(s(10_000)) == pytest.approx(0.9)
     assert float(jax.jit(s)(jnp.asarray(200))) == pytest.approx(0.8)
-    assert [t for t in range(400) if s.is_update_step(t)] == [100, 150, 200, 250, 300]
+    assert [t for t in range(400) if gmp.is_update_step(t)] == [100, 150, 200, 250, 300]
     values = [float(s(t)) for t in range(100, 301, 10)]
     assert values == sorted(values)
 
 
 def test_cosine_drop_fraction_documented_values():
-    f = CosineDropFraction(0.3, end_step=750, delta_t=100)
+    f = cosine_drop_fraction(0.3, end_step=750)
+    rigl = RigL(total_steps=1000, delta_t=100)  # end_step 750
     assert float(f(0)) == pytest.approx(0.3)
     assert float(f(375)) == pytest.approx(0.15)
     assert float(f(750)) == pytest.approx(0.0, abs=1e-7)
     assert float(f(1000)) == pytest.approx(0.0, abs=1e-7)
-    assert [t for t in range(1001) if f.is_update_step(t)] == [100, 200, 300, 400, 500, 600, 700]
+    assert [t for t in range(1001) if rigl.is_update_step(t)] == [100, 200, 300, 400, 500, 600, 700]
 
 
 def test_rigl_defaults_are_the_papers():
@@ -106,16 +110,19 @@ def test_rigl_defaults_are_the_papers():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: CubicSparsitySchedule(0.9, begin_step=10, end_step=10), "must come after"),
-        (lambda: CubicSparsitySchedule(0.9, begin_step=10, end_step=5), "must come after"),
-        (lambda: CubicSparsitySchedule(1.0, begin_step=0, end_step=5), r"in \[0, 1\)"),
+        (lambda: cubic_sparsity(0.9, begin_step=10, end_step=10), "must come after"),
+        (lambda: cubic_sparsity(0.9, begin_step=10, end_step=5), "must come after"),
+        (lambda: cubic_sparsity(1.0, begin_step=0, end_step=5), r"in \[0, 1\)"),
         (
-            lambda: CubicSparsitySchedule(0.5, begin_step=0, end_step=5, initial_sparsity=0.7),
+            lambda: cubic_sparsity(0.5, begin_step=0, end_step=5, initial_sparsity=0.7),
             "exceed",
         ),
-        (lambda: CubicSparsitySchedule(0.5, begin_step=0, end_step=5, frequency=0), "frequency"),
-        (lambda: CosineDropFraction(1.5, end_step=10), r"in \[0, 1\]"),
-        (lambda: CosineDropFraction(0.3, end_step=0), "must come after"),
+        (
+            lambda: GradualMagnitudePruning(0.5, begin_step=0, end_step=5, frequency=0),
+            "frequency",
+        ),
+        (lambda: cosine_drop_fraction(1.5, end_step=10), r"in \[0, 1\]"),
+        (lambda: cosine_drop_fraction(0.3, end_step=0), "must come after"),
         (lambda: RigL(total_steps=0), "total_steps"),
         (lambda: SET(total_steps=10, stop_fraction=0.0), "stop_fraction"),
     ],
@@ -178,10 +185,11 @@ def test_grow_and_drop_invariants(k):
     w = jsparse.BCSR.random(jax.random.key(0), (32, 48), density=0.25, block_shape=(4, 8))
     nbr, nbc = 8, 6
     scores = jnp.asarray(np.random.default_rng(1).uniform(size=nbr * nbc), jnp.float32)
-    data, indices, indptr, remap = jax.jit(grow_and_drop, static_argnames=("grid", "k_max"))(
-        w.data, w.indices, w.indptr, grid=(nbr, nbc), k=k, k_max=6, grow_scores=scores
+    new, remap = jax.jit(grow_and_drop, static_argnames=("k_max",))(
+        w, k=k, k_max=6, grow_scores=scores
     )
-    new = jsparse.BCSR(data, indices, indptr, shape=w.shape)  # validates: sorted, unique
+    data = new.data
+    new = jsparse.BCSR(data, new.indices, new.indptr, shape=w.shape)  # validates: sorted, unique
     assert new.nse == w.nse
     old_pos = set((np.asarray(w.row_ids) * nbc + np.asarray(w.indices)).tolist())
     new_pos = np.asarray(new.row_ids) * nbc + np.asarray(new.indices)
@@ -357,8 +365,8 @@ def test_gradual_magnitude_pruning_follows_the_cubic_schedule():
         filter=lambda path, layer: path == ("l2",),
     )
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-    schedule = CubicSparsitySchedule(0.9, begin_step=0, end_step=40, frequency=20)
-    gmp = GradualMagnitudePruning(schedule)
+    gmp = GradualMagnitudePruning(0.9, begin_step=0, end_step=40, frequency=20)
+    schedule = gmp.schedule
     x, y = synthetic_task()
     first = float(loss_fn(model, x, y))
     events = []

@@ -1,34 +1,51 @@
 """Flax NNX layers backed by jsparse formats, and model surgery.
 
-- :class:`SparseLinear` (BCSR), :class:`NMLinear` (N:M), :class:`MonarchLinear`
-  (Monarch) and :class:`LowRankSparseLinear` (low rank + block sparse), written like
-  :class:`flax.nnx.Linear`.
+- :class:`FormatLinear`, the base: ``nnx.Linear``'s arguments, in its order, with
+  the kernel stored in a format. :class:`BCSRLinear` (alias :class:`SparseLinear`),
+  :class:`NMLinear`, :class:`MonarchLinear` and :class:`LowRankSparseLinear` choose
+  the format; each registers itself in :data:`FORMATS` under its ``format_name``.
+- :class:`SRSTELinear`: a dense ``nnx.Linear`` trained through its N:M mask
+  (:class:`jsparse.train.SRSTE`).
 - :func:`sparsify` / :func:`densify`: swap the ``nnx.Linear`` layers of a model for
-  sparse ones (initialised from their kernels) and back.
+  sparse ones (initialised from their kernels) and back; :func:`iter_linears`,
+  :func:`sparse_layers`, :func:`replace_module` and :func:`path_str` find and
+  replace layers.
 
 Trainable values are :class:`flax.nnx.Param`; index arrays are
 :class:`SparsityPattern` variables, which optimizers built with ``wrt=nnx.Param``
 never see.
 """
 
-from jsparse.nn._format_linear import FormatLinear
+from jsparse.nn.bcsr_linear import BCSRLinear, SparseLinear
+from jsparse.nn.format_linear import FORMATS, FormatLinear
 from jsparse.nn.lowrank_linear import LowRankSparseLinear
 from jsparse.nn.monarch_linear import MonarchLinear
 from jsparse.nn.nm_linear import NMLinear
-from jsparse.nn.sparse_linear import SparseLinear
-from jsparse.nn.surgery import FORMATS, densify, path_str, sparse_layers, sparsify
+from jsparse.nn.sr_ste_linear import SRSTELinear
+from jsparse.nn.surgery import (
+    densify,
+    iter_linears,
+    path_str,
+    replace_module,
+    sparse_layers,
+    sparsify,
+)
 from jsparse.nn.variables import SparsityPattern
 
 __all__ = [
     "FORMATS",
+    "BCSRLinear",
     "FormatLinear",
     "LowRankSparseLinear",
     "MonarchLinear",
     "NMLinear",
+    "SRSTELinear",
     "SparseLinear",
     "SparsityPattern",
     "densify",
+    "iter_linears",
     "path_str",
+    "replace_module",
     "sparse_layers",
     "sparsify",
 ]

@@ -14,4 +14,11 @@ class SparsityPattern(nnx.Variable):
     ``nnx.grad`` never see it, so the optimizer state is sized by the stored values.
     Dynamic sparse training (:mod:`jsparse.train`) rewrites it in place; its shape
     never changes, so a jitted train step does not recompile.
+
+    Example:
+      >>> from flax import nnx
+      >>> from jsparse.nn import NMLinear, SparsityPattern
+      >>> layer = NMLinear(8, 4, rngs=nnx.Rngs(0))
+      >>> list(nnx.state(layer, SparsityPattern)), isinstance(layer.kernel_positions, nnx.Param)
+      (['kernel_positions'], False)
     """

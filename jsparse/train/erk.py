@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flax import nnx
+
+from jsparse.nn import iter_linears, path_str
 
 __all__ = ["erk", "erk_sparsities"]
 
@@ -86,14 +87,29 @@ def erk(model, sparsity: float, *, filter: Any = ..., power: float = 1.0) -> dic
     """:func:`erk_sparsities` for the ``nnx.Linear`` layers of ``model`` that ``filter``
     selects, keyed by path string, ready for
     ``jsparse.nn.sparsify(model, format="bcsr", sparsity=erk(model, 0.9))``.
-    """
-    from jsparse.nn.surgery import _modules, path_str
 
-    predicate = nnx.filterlib.to_predicate(filter)
+    Args:
+      model: an NNX module.
+      sparsity: the overall target in ``[0, 1)``.
+      filter: an NNX filter of ``(path, layer)`` choosing the ``nnx.Linear`` layers.
+      power: the ERK exponent (1 = ERK; 0 = uniform).
+
+    Returns:
+      layer path string (``"layers/0"``) -> sparsity in ``[0, 1)``.
+
+    Raises:
+      ValueError: the filter selects no ``nnx.Linear``, or as :func:`erk_sparsities`.
+
+    Example:
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(4, 256, rngs=nnx.Rngs(0)),
+      ...                        nnx.Linear(256, 256, rngs=nnx.Rngs(1)))
+      >>> {name: round(s, 4) for name, s in erk(model, 0.5).items()}
+      {'layers/0': 0.0, 'layers/1': 0.5078}
+    """
     shapes = {
         path_str(path): tuple(layer.kernel.shape)
-        for path, layer in _modules(model)
-        if type(layer) is nnx.Linear and predicate(path, layer)
+        for path, layer in iter_linears(model, filter=filter)
     }
     if not shapes:
         raise ValueError(f"erk: the filter {filter!r} selects no nnx.Linear layer")

@@ -37,10 +37,20 @@ Path = tuple[str, ...]
 class ValueRemap:
     """How the stored values of one parameter moved.
 
-    Attributes:
+    Args:
       source: ``(new_len,)`` int: new slot ``i`` takes old slot ``source[i]``.
       reset: ``(new_len,)`` bool or ``None``: slots that restart at zero.
       old_shape: the parameter's shape before the move (to recognise mirrors).
+
+    Returns:
+      A pytree (``source`` and ``reset`` are leaves), usable under ``jit``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> remap = ValueRemap(source=jnp.array([2, 0]), reset=jnp.array([False, True]),
+      ...                    old_shape=(3,))
+      >>> remap.apply(jnp.array([1.0, 2.0, 3.0])).tolist()
+      [3.0, 0.0]
     """
 
     source: jax.Array
@@ -48,7 +58,14 @@ class ValueRemap:
     old_shape: tuple[int, ...]
 
     def apply(self, leaf: jax.Array) -> jax.Array:
-        """``leaf`` (shaped like the old values) moved to the new slots."""
+        """``leaf`` (shaped like the old values) moved to the new slots.
+
+        Args:
+          leaf: an array of shape ``old_shape`` (or any leading length ``source`` indexes).
+
+        Returns:
+          ``leaf[source]``, zero where ``reset``.
+        """
         out = leaf[self.source]
         if self.reset is not None:
             mask = self.reset.reshape(self.reset.shape + (1,) * (out.ndim - 1))
@@ -85,6 +102,18 @@ def remap_opt_state(opt_state, remaps: Mapping[Sequence[Any], ValueRemap]):
       opt_state: an optax state (plain arrays, or nnx ``Variable`` leaves).
       remaps: parameter path (as in the model, e.g. ``("layers", 1, "kernel_data")``)
         -> how its values moved.
+
+    Returns:
+      The new state, the same tree; unmatched leaves are the same objects.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.array([1.0, 2.0, 3.0])}
+      >>> state = optax.sgd(0.1, momentum=0.9).init(params)
+      >>> remap = ValueRemap(source=jnp.array([2, 1]), reset=None, old_shape=(3,))
+      >>> new = remap_opt_state(state, {("w",): remap})
+      >>> new[0].trace["w"].shape
+      (2,)
     """
     remaps = {_norm_path(p): r for p, r in remaps.items()}
 
@@ -107,8 +136,23 @@ def remap_opt_state(opt_state, remaps: Mapping[Sequence[Any], ValueRemap]):
 def remap_optimizer(optimizer: nnx.Optimizer, remaps: Mapping[Sequence[Any], ValueRemap]) -> int:
     """Apply ``remaps`` in place to the state of an :class:`flax.nnx.Optimizer`.
 
-    Works eagerly and inside ``nnx.jit``. Returns the number of state leaves moved
-    (two per parameter for Adam).
+    Works eagerly and inside ``nnx.jit``.
+
+    Args:
+      optimizer: the optimizer (its ``opt_state`` variables are updated in place).
+      remaps: parameter path (as in the model) -> how its values moved.
+
+    Returns:
+      The number of state leaves moved (two per parameter for Adam).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+      >>> remap = ValueRemap(source=jnp.array([2, 1, 0]), reset=None, old_shape=(3,))
+      >>> remap_optimizer(optimizer, {("bias",): remap})  # Adam's mu and nu
+      2
     """
     remaps = {_norm_path(p): r for p, r in remaps.items()}
     moved = 0

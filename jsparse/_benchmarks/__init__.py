@@ -1,1 +1,0 @@
-"""Benchmark sections for ``python -m jsparse.bench`` (one module per format)."""

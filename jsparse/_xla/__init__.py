@@ -1,1 +1,0 @@
-"""Pure jnp/lax implementations of the jsparse kernels (the CPU path and the reference)."""

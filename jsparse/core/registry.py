@@ -1,0 +1,314 @@
+"""The implementation registry: which implementation of an op runs for a format.
+
+Every ``(op, format)`` pair has a table of named implementations, for example
+
+* ``"xla"``    pure ``jnp``/``lax`` (always present; the CPU path and the reference),
+* ``"dense"``  densify, then a dense op (registered once, on the base class),
+* ``"pallas"`` Pallas kernels (GPU/TPU; the interpreter on other platforms).
+
+Tables are looked up along the format's MRO, so an implementation registered for
+:class:`~jsparse.core.AbstractSparseMatrix` serves every format that does not
+register its own.
+
+**Capability, not exceptions.** An implementation may come with a
+``supports(*args, **kwargs) -> str | None`` check that returns ``None`` when it
+handles the configuration and otherwise a sentence saying why not. ``impl="auto"``
+takes, per platform, the first candidate of the format's order whose check passes;
+an explicit ``impl`` whose check fails raises :class:`ValueError` with the reason.
+An exception raised while an implementation *runs* is a bug and propagates: it is
+never turned into a fallback.
+
+**Platforms.** An implementation may have per-platform versions
+(``register_impl(op, fmt, "pallas", fn, platform="cuda")``) and the ``auto`` order may
+differ per platform (:func:`with_pallas`). The choice is staged with
+:func:`jax.lax.platform_dependent`, so it is made when lowering (also for
+``jax.export`` to several platforms), never from ``jax.devices()`` at trace time.
+Checks are plain Python on shapes and dtypes: nothing is traced to find out whether
+an implementation applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+
+__all__ = [
+    "PLATFORMS",
+    "AutoOrder",
+    "Implementation",
+    "check_impl",
+    "implementations",
+    "register_impl",
+    "run",
+    "with_pallas",
+]
+
+# Platforms that jax.lax.platform_dependent distinguishes ("gpu" is not one).
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+# An order for impl="auto": one list for every platform, or a mapping from platform
+# name (and "default") to a list.
+AutoOrder = Sequence[str] | Mapping[str, Sequence[str]]
+Supports = Callable[..., "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One registered implementation: the function and its capability check.
+
+    Example:
+      >>> from jsparse.core.registry import Implementation
+      >>> impl = Implementation(print, supports=lambda n: None if n > 0 else "n must be > 0")
+      >>> impl.why_not((0,), {})
+      'n must be > 0'
+    """
+
+    fn: Callable[..., Any]
+    supports: Supports | None = None
+
+    def why_not(self, args, kwargs) -> str | None:
+        """``None`` if this implementation handles the arguments, else the reason.
+
+        Example:
+          >>> from jsparse.core.registry import Implementation
+          >>> Implementation(print).why_not((1, 2), {}) is None  # no check: handles all
+          True
+        """
+        return None if self.supports is None else self.supports(*args, **kwargs)
+
+
+# (op, fmt) -> name -> Implementation (platform-independent version)
+_TABLES: dict[tuple[str, type], dict[str, Implementation]] = {}
+# (op, fmt, name) -> platform -> Implementation (platform-specific versions)
+_SPECIALISED: dict[tuple[str, type, str], dict[str, Implementation]] = {}
+
+
+def register_impl(
+    op: str,
+    fmt: type,
+    name: str,
+    fn: Callable[..., Any] | None = None,
+    *,
+    supports: Supports | None = None,
+    platform: str | None = None,
+):
+    """Register ``fn`` as implementation ``name`` of ``op`` for the format ``fmt``.
+
+    Usable as a call (``register_impl("matmul", Fmt, "xla", fn)``) or as a decorator
+    (``@register_impl("matmul", Fmt, "xla")``).
+
+    Args:
+      op: the op name (``"matmul"``, ``"sddmm"``, ``"scale"`` ...).
+      fmt: the format class (a subclass of ``AbstractSparseMatrix``); subclasses
+        inherit the registration unless they register their own.
+      name: the implementation's name, a Python identifier other than ``"auto"``.
+      fn: the implementation; receives the op's arguments.
+      supports: ``supports(*args, **kwargs) -> str | None`` with the same arguments:
+        ``None`` when ``fn`` handles them, else the reason it does not.
+      platform: ``"cpu"``, ``"cuda"``, ``"rocm"`` or ``"tpu"``: ``fn`` is the version
+        of ``name`` that runs when lowering for that platform; the version registered
+        without ``platform`` runs on the others.
+
+    Raises:
+      ValueError: a bad ``name`` or ``platform``.
+
+    Example:
+      A second ``scale`` for a subclass of BCSR (BCSR's own table is left alone),
+      with a ``supports`` check:
+
+      >>> import jax.numpy as jnp, jsparse
+      >>> class Tagged(jsparse.BCSR):
+      ...     pass
+      >>> def float32_only(a, s):
+      ...     return None if a.dtype == jnp.float32 else f"float32 only, got {a.dtype}"
+      >>> @jsparse.extend.register_impl("scale", Tagged, "doc_example", supports=float32_only)
+      ... def _(a, s):
+      ...     return a.with_values(a.data * s)
+      >>> jsparse.implementations("scale", Tagged)  # BCSR's "xla" is inherited
+      ('xla', 'doc_example')
+      >>> t = Tagged(jnp.ones((1, 2, 2)), [0], [0, 1], shape=(2, 2))
+      >>> jsparse.scale(t, 3.0, impl="doc_example").todense()[0].tolist()
+      [3.0, 3.0]
+      >>> jsparse.scale(t.astype(jnp.bfloat16), 3.0, impl="doc_example")
+      Traceback (most recent call last):
+      ...
+      ValueError: impl='doc_example' cannot run scale for Tagged with these arguments: ...
+    """
+    if name == "auto" or not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"invalid implementation name {name!r}")
+    if platform is not None and platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+
+    def decorator(fn):
+        entry = Implementation(fn, supports)
+        if platform is None:
+            _TABLES.setdefault((op, fmt), {})[name] = entry
+        else:
+            _SPECIALISED.setdefault((op, fmt, name), {})[platform] = entry
+        return fn
+
+    return decorator if fn is None else decorator(fn)
+
+
+def _table(op: str, fmt: type) -> dict[str, Implementation]:
+    """The implementations of ``op`` for ``fmt``, inherited along the MRO."""
+    table: dict[str, Implementation] = {}
+    for cls in reversed(fmt.__mro__):
+        table.update(_TABLES.get((op, cls), {}))
+    return table
+
+
+def _versions(op: str, fmt: type, name: str) -> dict[str, Implementation]:
+    for cls in fmt.__mro__:
+        if (op, cls, name) in _SPECIALISED:
+            return _SPECIALISED[(op, cls, name)]
+    return {}
+
+
+def implementations(op: str, fmt: type) -> tuple[str, ...]:
+    """Names of the implementations registered for ``op`` on ``fmt`` (inherited too).
+
+    Example:
+      >>> import jsparse
+      >>> sorted(jsparse.implementations("matmul", jsparse.BCSR))[:3]
+      ['dense', 'pallas', 'xla']
+    """
+    return tuple(_table(op, fmt))
+
+
+def with_pallas(order: Sequence[str]) -> dict[str, list[str]]:
+    """A per-platform ``auto`` order from a CPU order: on GPU/TPU the Pallas kernels
+    take the place of ``"xla"`` (XLA stays right behind them as the fallback), so a
+    pattern dense enough to prefer ``"dense"`` on CPU prefers it there too.
+
+    Example:
+      >>> from jsparse.core.registry import with_pallas
+      >>> with_pallas(["xla", "dense"])["cuda"]
+      ['pallas', 'xla', 'dense']
+    """
+    accelerator = []
+    for name in order:
+        if name == "xla":
+            accelerator.append("pallas")
+        accelerator.append(name)
+    return {"cuda": accelerator, "tpu": accelerator, "default": list(order)}
+
+
+def check_impl(impl: Any) -> None:
+    """TypeError unless ``impl`` is a string (the name is checked by :func:`run`).
+
+    Example:
+      >>> from jsparse.core.registry import check_impl
+      >>> check_impl("xla")
+      >>> check_impl(None)
+      Traceback (most recent call last):
+      ...
+      TypeError: impl must be a string such as 'auto' or 'xla', got None
+    """
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a string such as 'auto' or 'xla', got {impl!r}")
+
+
+def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
+    """Run implementation ``impl`` of ``op`` for ``fmt`` on ``args``.
+
+    ``impl="auto"`` takes, per platform, the first name of ``auto_order`` that is
+    registered and whose ``supports`` check passes.
+
+    The verbs check that ``impl`` is a string (:func:`check_impl`) before calling.
+
+    Args:
+      op: the op name.
+      fmt: the format class whose table (inherited along its MRO) is searched.
+      impl: ``"auto"`` or an implementation's name.
+      auto_order: the candidates for ``"auto"``: a list, or a mapping from platform
+        (and ``"default"``) to a list (see ``AbstractSparseMatrix.auto_order``).
+      *args, **kwargs: the implementation's arguments (and its ``supports`` check's).
+
+    Returns:
+      What the implementation returns (a ``jax.lax.platform_dependent`` over the
+      platforms' choices when they differ).
+
+    Raises:
+      ValueError: ``impl`` is not registered for this op and format, or no
+        implementation (for ``auto``) / not ``impl`` (explicit) handles the
+        configuration on any platform; the message gives every reason.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(jnp.eye(4), block_shape=(2, 2))
+      >>> y = jsparse.extend.run("matmul", jsparse.BCSR, "auto", ["xla"], a, jnp.ones((4, 1)),
+      ...                        transpose=False)
+      >>> y[:, 0].tolist()
+      [1.0, 1.0, 1.0, 1.0]
+    """
+    table = _table(op, fmt)
+    if impl != "auto":
+        if impl not in table:
+            raise ValueError(
+                f"{fmt.__name__} has no {impl!r} implementation of {op}: impl must be one "
+                f"of {['auto', *sorted(table)]}, got {impl!r}"
+            )
+        branches, reasons = _resolve(op, fmt, table, {p: [impl] for p in PLATFORMS}, args, kwargs)
+        if not branches:
+            raise ValueError(
+                f"impl={impl!r} cannot run {op} for {fmt.__name__} with these arguments: "
+                + "; ".join(dict.fromkeys(reasons.values()))
+            )
+        return _stage(branches, args, kwargs)
+    branches, reasons = _resolve(op, fmt, table, _per_platform(auto_order), args, kwargs)
+    if not branches:
+        raise ValueError(
+            f"no implementation of {op} for {fmt.__name__} handles these arguments: "
+            + "; ".join(dict.fromkeys(reasons.values()))
+        )
+    return _stage(branches, args, kwargs)
+
+
+def _per_platform(auto_order: AutoOrder) -> dict[str, list[str]]:
+    if isinstance(auto_order, Mapping):
+        unknown = set(auto_order) - set(PLATFORMS) - {"default"}
+        if unknown:
+            raise ValueError(f"auto_order has unknown platforms {sorted(unknown)}")
+        default = list(auto_order.get("default", ()))
+        return {p: list(auto_order.get(p, default)) for p in PLATFORMS}
+    return {p: list(auto_order) for p in PLATFORMS}
+
+
+def _resolve(op, fmt, table, orders, args, kwargs):
+    """``({platform: fn}, {platform: reason})``: per platform, the first candidate of
+    its order that handles the arguments. Each check runs once per implementation."""
+    verdicts: dict[int, str | None] = {}
+    branches: dict[str, Callable[..., Any]] = {}
+    reasons: dict[str, str] = {}
+    for platform, names in orders.items():
+        why_all = []
+        for name in names:
+            entry = _versions(op, fmt, name).get(platform, table.get(name))
+            if entry is None:
+                continue
+            key = id(entry)
+            if key not in verdicts:
+                verdicts[key] = entry.why_not(args, kwargs)
+            if verdicts[key] is None:
+                branches[platform] = entry.fn
+                break
+            why_all.append(f"{name} ({platform}): {verdicts[key]}")
+        else:
+            reasons[platform] = "; ".join(why_all) or f"nothing registered for {platform}"
+    return branches, reasons
+
+
+def _stage(branches: dict[str, Callable[..., Any]], args, kwargs):
+    """Call the one function every platform chose, or stage a
+    :func:`jax.lax.platform_dependent` over the choices (platforms with no branch
+    fail when lowered for)."""
+    fns = list(dict.fromkeys(branches.values()))
+    if len(fns) == 1 and len(branches) == len(PLATFORMS):
+        return fns[0](*args, **kwargs)
+    bound = {fn: functools.partial(fn, **kwargs) for fn in fns}
+    return jax.lax.platform_dependent(*args, **{p: bound[fn] for p, fn in branches.items()})

@@ -1,0 +1,292 @@
+"""The public verbs: ``matmul``, ``sddmm``, ``scale``, ``map_values``, ``add``,
+``todense`` and ``transpose``.
+
+Each verb is a :func:`functools.singledispatch` function (dense arrays get the
+``jax.numpy`` meaning, formats the sparse one) that checks and normalises its
+arguments once, then runs the format's implementation through the registry
+(:func:`jsparse.core.registry.run`) with ``impl=`` (``"auto"`` by default, which asks
+the format's :meth:`~jsparse.core.AbstractSparseMatrix.auto_order`). A format author
+registers implementations (``jsparse.extend.register_impl``), not new verbs; a type
+that is not a jsparse format can still register a verb directly
+(``jsparse.todense.register(MyType)``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsparse.core.matrix import AbstractSparseMatrix
+from jsparse.core.registry import check_impl, run
+
+__all__ = ["add", "map_values", "matmul", "scale", "sddmm", "todense", "transpose"]
+
+
+def _run(op: str, a: AbstractSparseMatrix, impl: str, *args, **kwargs):
+    order = a.auto_order(op) if impl == "auto" else ()
+    return run(op, type(a), impl, order, a, *args, **kwargs)
+
+
+# ------------------------------------------------------------------ todense, transpose
+@functools.singledispatch
+def todense(a, *, impl: str = "auto") -> jax.Array:
+    """The dense array of a format; dense arrays are returned as ``jax.Array``.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(jnp.eye(4), block_shape=(2, 2))
+      >>> jsparse.todense(a).shape
+      (4, 4)
+    """
+    check_impl(impl)
+    return jnp.asarray(a)
+
+
+@todense.register
+def _(a: AbstractSparseMatrix, *, impl: str = "auto") -> jax.Array:
+    check_impl(impl)
+    return _run("todense", a, impl)
+
+
+@functools.singledispatch
+def transpose(a, *, impl: str = "auto"):
+    """The transpose: a format in the same family where possible (dense: ``a.T``).
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(jnp.ones((4, 6)), block_shape=(2, 3))
+      >>> jsparse.transpose(a).shape, jsparse.transpose(a).block_shape
+      ((6, 4), (3, 2))
+    """
+    check_impl(impl)
+    return jnp.asarray(a).T
+
+
+@transpose.register
+def _(a: AbstractSparseMatrix, *, impl: str = "auto"):
+    check_impl(impl)
+    return _run("transpose", a, impl)
+
+
+# ------------------------------------------------------------------ matmul
+def _promote(a: AbstractSparseMatrix, x) -> tuple[AbstractSparseMatrix, jax.Array]:
+    """The operands in their common floating dtype (a no-op when they agree)."""
+    x = jnp.asarray(x)
+    if x.dtype == a.dtype:
+        return a, x
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+            x = x.astype(a.dtype)
+        else:
+            raise TypeError(f"the dense operand must be real floating point, got {x.dtype}")
+    dtype = jnp.result_type(a.dtype, x.dtype)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
+    return a, x.astype(dtype)
+
+
+@functools.singledispatch
+def matmul(a, b, *, impl: str = "auto") -> jax.Array:
+    """Matrix product with a sparse operand on either side; the other is dense.
+
+    ``a @ b`` follows :func:`jax.numpy.matmul` for the dense operand: a vector
+    (contracted and removed) or an array whose trailing two axes are the matrix
+    (leading axes are batch axes, on the dense side only).
+
+    Args:
+      a, b: one jsparse format (2-D) and one dense array (``jax.Array`` or array-like).
+      impl: ``"auto"`` (by platform and pattern), or an implementation's name
+        (``"xla"``, ``"dense"``, ``"pallas"`` ...: ``jsparse.implementations("matmul",
+        type(a))``).
+
+    Returns:
+      A dense array in the promoted dtype of the operands (accumulated in float32).
+
+    Raises:
+      ValueError: the contraction dimensions differ (the message names both shapes),
+        or ``impl`` is unknown or cannot handle the operands (with the reason).
+      TypeError: both operands are sparse, or the dense operand is not real floating
+        point.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.random(jax.random.key(0), (64, 32), density=0.25,
+      ...                         block_shape=(16, 16))
+      >>> (a @ jnp.ones((32, 3))).shape
+      (64, 3)
+      >>> jsparse.matmul(jnp.ones((5, 64)), a, impl="xla").shape
+      (5, 32)
+    """
+    check_impl(impl)
+    if isinstance(b, AbstractSparseMatrix):
+        b, a = _promote(b, a)
+        return _dense_at_sparse(a, b, impl)
+    return jnp.matmul(a, b)
+
+
+@matmul.register
+def _(a: AbstractSparseMatrix, b, *, impl: str = "auto") -> jax.Array:
+    check_impl(impl)
+    if isinstance(b, AbstractSparseMatrix):
+        raise TypeError(
+            f"sparse @ sparse is not supported ({type(a).__name__} {a.shape} @ "
+            f"{type(b).__name__} {b.shape}); call .todense() on one operand"
+        )
+    a, b = _promote(a, b)
+    return _sparse_at_dense(a, b, impl)
+
+
+def _sparse_at_dense(a: AbstractSparseMatrix, x: jax.Array, impl: str) -> jax.Array:
+    m, k = a.shape
+    if x.ndim == 0:
+        raise ValueError("matmul: the dense operand must have at least 1 dimension")
+    contracted = x.shape[0] if x.ndim == 1 else x.shape[-2]
+    if contracted != k:
+        raise ValueError(
+            f"matmul: shapes {a.shape} and {x.shape} are not aligned ({k} != {contracted})"
+        )
+    if x.ndim == 1:
+        return _run("matmul", a, impl, x[:, None], transpose=False)[:, 0]
+    if x.ndim == 2:
+        return _run("matmul", a, impl, x, transpose=False)
+    batch, n = x.shape[:-2], x.shape[-1]
+    x2 = jnp.moveaxis(x, -2, 0).reshape(k, -1)
+    y = _run("matmul", a, impl, x2, transpose=False).reshape(m, *batch, n)
+    return jnp.moveaxis(y, 0, -2)
+
+
+def _dense_at_sparse(x: jax.Array, a: AbstractSparseMatrix, impl: str) -> jax.Array:
+    m, k = a.shape
+    if x.ndim == 0:
+        raise ValueError("matmul: the dense operand must have at least 1 dimension")
+    if x.shape[-1] != m:
+        raise ValueError(
+            f"matmul: shapes {x.shape} and {a.shape} are not aligned ({x.shape[-1]} != {m})"
+        )
+    lead = x.shape[:-1]
+    # x @ A = (A.T @ x.T).T: the kernels read A transposed, nothing forms A.T.
+    y = _run("matmul", a, impl, x.reshape(-1, m).T, transpose=True).T
+    return y.reshape(*lead, k)
+
+
+# ------------------------------------------------------------------ sddmm
+def sddmm(x, y, pattern: AbstractSparseMatrix, *, impl: str = "auto"):
+    """Sampled dense-dense matmul: ``x @ y`` evaluated only where ``pattern`` stores.
+
+    Args:
+      x: dense ``(M, J)``.
+      y: dense ``(J, K)``.
+      pattern: a format of shape ``(M, K)`` whose structure is kept (its values are
+        ignored).
+      impl: ``"auto"`` or an implementation's name.
+
+    Returns:
+      A matrix in ``pattern``'s format and structure holding ``(x @ y)`` at the
+      stored positions. Differentiable with respect to ``x`` and ``y``.
+
+    Raises:
+      TypeError: ``pattern`` is not a format, or ``x``/``y`` are not floating point.
+      ValueError: the shapes do not match.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> p = jsparse.BCSR.fromdense(jnp.eye(4), block_shape=(2, 2))
+      >>> jsparse.sddmm(jnp.ones((4, 3)), jnp.ones((3, 4)), p).todense()[0, :2]
+      Array([3., 3.], dtype=float32)
+    """
+    check_impl(impl)
+    if not isinstance(pattern, AbstractSparseMatrix):
+        raise TypeError(f"sddmm: pattern must be a jsparse format, got {type(pattern).__name__}")
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"sddmm: x and y must be 2-D, got shapes {x.shape} and {y.shape}")
+    if x.shape[1] != y.shape[0] or (x.shape[0], y.shape[1]) != tuple(pattern.shape):
+        raise ValueError(
+            f"sddmm: x {x.shape} @ y {y.shape} does not match the pattern's shape "
+            f"{tuple(pattern.shape)}"
+        )
+    for name, arr in (("x", x), ("y", y)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise TypeError(f"sddmm: {name} must be real floating point, got {arr.dtype}")
+    dtype = jnp.result_type(x.dtype, y.dtype)
+    return _run("sddmm", pattern, impl, x.astype(dtype), y.astype(dtype))
+
+
+# ------------------------------------------------------------------ entrywise verbs
+def scale(a: AbstractSparseMatrix, s, *, impl: str = "auto"):
+    """``s * a`` for a scalar ``s``, in ``a``'s format.
+
+    Raises:
+      TypeError: ``s`` is not a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(jnp.eye(2), block_shape=(1, 1))
+      >>> jsparse.scale(a, 3.0).todense()[1, 1]
+      Array(3., dtype=float32)
+    """
+    check_impl(impl)
+    s = jnp.asarray(s)
+    if s.ndim != 0:
+        raise TypeError(f"{type(a).__name__} can only be scaled by a scalar, got shape {s.shape}")
+    return _run("scale", a, impl, s)
+
+
+def map_values(fn: Callable[[jax.Array], jax.Array], a: AbstractSparseMatrix, *, impl="auto"):
+    """Apply a zero-preserving elementwise ``fn`` to the stored values of ``a``.
+
+    ``fn(0)`` must be ``0`` (e.g. ``jnp.abs``, ``jnp.sin``, ``jax.nn.relu``), so that
+    the result equals ``fn`` applied to the dense matrix. This is checked when
+    ``fn`` can be evaluated on a concrete zero.
+
+    Raises:
+      ValueError: ``fn(0) != 0``.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(-jnp.eye(2), block_shape=(1, 1))
+      >>> jsparse.map_values(jnp.abs, a).todense()[0, 0]
+      Array(1., dtype=float32)
+    """
+    check_impl(impl)
+    _check_zero_preserving(fn, a.dtype)
+    return _run("map_values", a, impl, fn)
+
+
+def _check_zero_preserving(fn, dtype) -> None:
+    try:
+        with jax.ensure_compile_time_eval():
+            zero = np.asarray(fn(jnp.zeros((), dtype)))
+    except jax.errors.JAXTypeError:
+        return  # fn closes over tracers: cannot check eagerly
+    if zero.shape != () or zero != 0:
+        raise ValueError(f"map_values needs a zero-preserving function, but fn(0) = {zero!r}")
+
+
+def add(a: AbstractSparseMatrix, b: AbstractSparseMatrix, *, impl: str = "auto"):
+    """Sum of two matrices of the same format and the same stored pattern.
+
+    Raises:
+      TypeError: the formats differ.
+      ValueError: the shapes or patterns differ.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(jnp.eye(2), block_shape=(1, 1))
+      >>> jsparse.add(a, a).todense()[0, 0]
+      Array(2., dtype=float32)
+    """
+    check_impl(impl)
+    if type(a) is not type(b):
+        raise TypeError(
+            f"add: both operands must have the same format, got "
+            f"{type(a).__name__} and {type(b).__name__}"
+        )
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"add: shapes differ: {a.shape} and {b.shape}")
+    return _run("add", a, impl, b)

@@ -1,0 +1,10 @@
+"""N:M structured sparsity: the matrix, masks, its XLA and Pallas implementations."""
+
+from jsparse.core.entrywise import register_entrywise
+from jsparse.formats.nm import examples, pallas, xla  # noqa: F401  (register the implementations)
+from jsparse.formats.nm.masks import is_nm, nm_mask
+from jsparse.formats.nm.matrix import NM
+
+register_entrywise(NM)
+
+__all__ = ["NM", "is_nm", "nm_mask"]
