@@ -218,7 +218,15 @@ def sddmm(x, y, pattern: AbstractSparseMatrix, *, impl: str = "auto"):
 
 
 # ------------------------------------------------------------------ entrywise verbs
-def scale(a: AbstractSparseMatrix, s, *, impl: str = "auto"):
+def _not_a_format(verb: str, a) -> TypeError:
+    return TypeError(
+        f"jsparse.{verb} takes a jsparse format, got {type(a).__name__}; for dense arrays "
+        "use jax.numpy directly"
+    )
+
+
+@functools.singledispatch
+def scale(a, s, *, impl: str = "auto"):
     """``s * a`` for a scalar ``s``, in ``a``'s format.
 
     Raises:
@@ -230,6 +238,11 @@ def scale(a: AbstractSparseMatrix, s, *, impl: str = "auto"):
       >>> jsparse.scale(a, 3.0).todense()[1, 1]
       Array(3., dtype=float32)
     """
+    raise _not_a_format("scale", a)
+
+
+@scale.register
+def _(a: AbstractSparseMatrix, s, *, impl: str = "auto"):
     check_impl(impl)
     s = jnp.asarray(s)
     if s.ndim != 0:
@@ -253,6 +266,17 @@ def map_values(fn: Callable[[jax.Array], jax.Array], a: AbstractSparseMatrix, *,
       >>> jsparse.map_values(jnp.abs, a).todense()[0, 0]
       Array(1., dtype=float32)
     """
+    return _map_values(a, fn, impl=impl)
+
+
+# map_values takes the function first (like jax.tree.map); it dispatches on the format.
+@functools.singledispatch
+def _map_values(a, fn, *, impl: str):
+    raise _not_a_format("map_values", a)
+
+
+@_map_values.register
+def _(a: AbstractSparseMatrix, fn, *, impl: str):
     check_impl(impl)
     _check_zero_preserving(fn, a.dtype)
     return _run("map_values", a, impl, fn)
@@ -268,7 +292,8 @@ def _check_zero_preserving(fn, dtype) -> None:
         raise ValueError(f"map_values needs a zero-preserving function, but fn(0) = {zero!r}")
 
 
-def add(a: AbstractSparseMatrix, b: AbstractSparseMatrix, *, impl: str = "auto"):
+@functools.singledispatch
+def add(a, b, *, impl: str = "auto"):
     """Sum of two matrices of the same format and the same stored pattern.
 
     Raises:
@@ -281,6 +306,11 @@ def add(a: AbstractSparseMatrix, b: AbstractSparseMatrix, *, impl: str = "auto")
       >>> jsparse.add(a, a).todense()[0, 0]
       Array(2., dtype=float32)
     """
+    raise _not_a_format("add", a)
+
+
+@add.register
+def _(a: AbstractSparseMatrix, b, *, impl: str = "auto"):
     check_impl(impl)
     if type(a) is not type(b):
         raise TypeError(
