@@ -44,7 +44,7 @@ def _monarch_rows(n: int, n_cols: int, nblocks_list, reps: int) -> list[list]:
         t_dense, fwd = _ratio_pair(mon_fwd, dense_fwd, (w, x), (d, x), reps)
         _, left = _ratio_pair(mon_left, dense_left, (w, xt), (d, xt), reps)
         _, grad = _ratio_pair(mon_grad, dense_grad, (w, x), (d, x), max(3, reps // 2))
-        flops = n * n / w.nparams
+        flops = n * n / (w.left.size + w.right.size)  # dense / stored values
         rows.append([nb, w.block_rank, f"{flops:.1f}x", t_dense * 1e3, fwd, left, grad])
     return rows
 
