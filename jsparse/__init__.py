@@ -15,6 +15,7 @@ from jsparse.core import (
     sddmm,
     todense,
     transpose,
+    validate,
 )
 from jsparse.formats import BCSR, NM, LowRankSparse, Monarch, is_nm, nm_mask
 
@@ -39,4 +40,5 @@ __all__ = [
     "todense",
     "train",
     "transpose",
+    "validate",
 ]

@@ -583,7 +583,7 @@ def test_ops_bad_input():
     b = jsparse.NM.random(jax.random.key(1), (4, 8))
     with pytest.raises(ValueError, match=r"must share the same pattern"):
         a + b
-    with pytest.raises(TypeError, match=r"scaled by a scalar, got shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"must have the matrix's shape \(4, 8\).*got \(2,\)"):
         a * jnp.ones(2)
     with pytest.raises(ValueError, match=r"shapes \(4, 8\) and \(4, 3\) are not aligned"):
         a @ jnp.ones((4, 3))

@@ -12,7 +12,16 @@ from jsparse.core.matrix import (
 )
 from jsparse.core.product import ProductKernels
 from jsparse.core.registry import implementations, register_impl, run, with_pallas
-from jsparse.core.verbs import add, map_values, matmul, scale, sddmm, todense, transpose
+from jsparse.core.verbs import (
+    add,
+    map_values,
+    matmul,
+    scale,
+    sddmm,
+    todense,
+    transpose,
+    validate,
+)
 
 __all__ = [
     "AbstractSparseMatrix",
@@ -32,5 +41,6 @@ __all__ = [
     "sddmm",
     "todense",
     "transpose",
+    "validate",
     "with_pallas",
 ]

@@ -23,6 +23,8 @@ __all__ = [
     "check_sparsity",
     "is_concrete",
     "is_float0",
+    "is_static_dim",
+    "symbolic_width_reason",
 ]
 
 
@@ -93,7 +95,10 @@ def as_index_leaf(x, name: str):
 
 
 def check_float_dtype(name: str, dtype) -> None:
-    """TypeError unless ``dtype`` is an inexact (floating or complex) dtype or float0.
+    """TypeError unless ``dtype`` is a real floating dtype (or float0, for cotangents).
+
+    Complex dtypes are rejected with a message that says so: jsparse formats hold real
+    values only (docs/index.md).
 
     Example:
       >>> import jax.numpy as jnp
@@ -103,9 +108,17 @@ def check_float_dtype(name: str, dtype) -> None:
       Traceback (most recent call last):
       ...
       TypeError: values must have a floating-point dtype, got int32
+      >>> check_float_dtype("values", jnp.complex64)
+      Traceback (most recent call last):
+      ...
+      TypeError: values must be real: complex dtypes (complex64) are not supported
     """
     if dtype == jax.dtypes.float0:
         return
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name} must be real: complex dtypes ({jnp.dtype(dtype).name}) are not supported"
+        )
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"{name} must have a floating-point dtype, got {jnp.dtype(dtype).name}")
 
@@ -197,3 +210,40 @@ def check_sparsity(sparsity: Any) -> float:
     if not 0.0 <= s < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return s
+
+
+def is_static_dim(d) -> bool:
+    """Whether the dimension ``d`` is a known integer (not a ``jax.export`` symbolic
+    dimension).
+
+    Example:
+      >>> from jax import export
+      >>> from jsparse.core.checks import is_static_dim
+      >>> is_static_dim(3), is_static_dim(export.symbolic_shape("b")[0])
+      (True, False)
+    """
+    return isinstance(d, int | np.integer)
+
+
+def symbolic_width_reason(x) -> str | None:
+    """``None`` if the width (``x.shape[1]``) of a 2-D dense operand is static, else
+    the reason a kernel that needs a static width declines it (a ``supports`` check's
+    answer under ``jax.export`` shape polymorphism).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax import export
+      >>> from jsparse.core.checks import symbolic_width_reason
+      >>> symbolic_width_reason(jnp.ones((4, 2))) is None
+      True
+      >>> x = jax.ShapeDtypeStruct(export.symbolic_shape("4, b"), jnp.float32)
+      >>> symbolic_width_reason(x)[:39]
+      "the dense operand's width b is symbolic"
+    """
+    width = x.shape[1]
+    if is_static_dim(width):
+        return None
+    return (
+        f"the dense operand's width {width} is symbolic (jax.export shape polymorphism); "
+        "the Pallas kernels need a static width"
+    )

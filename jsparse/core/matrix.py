@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import json
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -53,7 +55,21 @@ class OracleExample:
         return self.name
 
 
-class AbstractSparseMatrix(abc.ABC):
+class _FormatMeta(abc.ABCMeta):
+    """The metaclass of every format: its class repr says what to do instead, because
+    ``jax.numpy`` functions name the class in their error for a non-array argument
+    (``jnp.matmul(A, x)``: "matmul requires ndarray or scalar arguments, got <class
+    ...>")."""
+
+    def __repr__(cls) -> str:
+        return (
+            f"<class '{cls.__module__}.{cls.__qualname__}'> (a jsparse format, not an "
+            "array: jax.numpy functions do not take it; use A @ x or jsparse.matmul(A, x), "
+            "or A.todense() for a dense array)"
+        )
+
+
+class AbstractSparseMatrix(metaclass=_FormatMeta):
     """Base class of every jsparse format (a 2-D matrix stored compactly).
 
     Subclasses are frozen dataclasses whose array fields are pytree leaves and whose
@@ -88,8 +104,21 @@ class AbstractSparseMatrix(abc.ABC):
     _value_fields: ClassVar[tuple[str, ...]] = ()
     # Random instances the shared oracle test suite runs every op on.
     oracle_examples: ClassVar[tuple[OracleExample, ...]] = ()
+    # ndim of the first value leaf of one matrix (BCSR's ``data``: 3). A leaf with more
+    # axes is stacked along leading batch axes (``jax.tree.map(jnp.stack, ...)``, as
+    # ``nnx.vmap`` and ``lax.scan`` make); ``None``: not checked.
+    _value_ndim: ClassVar[int | None] = None
 
     shape: tuple[int, ...]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A stacked matrix's own todense/transpose would fail with an unpacking error:
+        # give the clear one instead.
+        for name in ("todense", "transpose"):
+            if name in cls.__dict__ and not getattr(cls.__dict__[name], "__isabstractmethod__",
+                                                    False):
+                setattr(cls, name, _unstacked_only(cls.__dict__[name]))
 
     # NumPy operands defer to our reflected operators (``np_array @ sparse``).
     __array_ufunc__ = None
@@ -267,7 +296,8 @@ class AbstractSparseMatrix(abc.ABC):
         """Check every invariant of the format; return ``self``.
 
         Index checks need concrete arrays; under ``jit`` only the static checks (shapes
-        and dtypes) run.
+        and dtypes) run (:func:`jsparse.validate` under ``jax.experimental.checkify``
+        checks the indices of traced arrays too).
 
         Returns:
           ``self``, unchanged.
@@ -282,10 +312,16 @@ class AbstractSparseMatrix(abc.ABC):
           >>> a.validate() is a
           True
         """
+        self._check_unstacked(f"{type(self).__name__}.validate")
         self._validate_static()
         if self._indices_concrete():
             self._validate_concrete()
         return self
+
+    def _check_indices_traced(self) -> None:
+        """The index invariants as ``jax.experimental.checkify.debug_check`` calls
+        (traced arrays; active under ``checkify``). Formats with index leaves override
+        it; the default has nothing to check."""
 
     def _validate_static(self) -> None:
         """Shape and dtype checks that work on tracers too. Override to extend."""
@@ -310,9 +346,86 @@ class AbstractSparseMatrix(abc.ABC):
     def __mul__(self, other):
         from jsparse.core import verbs
 
-        return verbs.scale(self, other)
+        return verbs.multiply(self, other)
 
     __rmul__ = __mul__
+
+    def __abs__(self):
+        from jsparse.core import verbs
+
+        return verbs.map_values(jnp.abs, self)
+
+    def __pow__(self, p):
+        from jsparse.core import verbs
+
+        if isinstance(p, jax.core.Tracer) or jnp.ndim(p) != 0:
+            raise TypeError(f"{type(self).__name__} ** p needs a concrete scalar p > 0, got {p!r}")
+        if not float(p) > 0:
+            raise ValueError(
+                f"{type(self).__name__} ** p needs p > 0 (so unstored zeros stay zero), got {p!r}"
+            )
+        return verbs.map_values(lambda v: v**p, self)
+
+    def sum(self, axis: int | None = None) -> jax.Array:
+        """Sum of the entries: all of them (``axis=None``), down the columns
+        (``axis=0``, a vector of length ``shape[1]``) or along the rows (``axis=1``).
+
+        Computed as products with a vector of ones, so it works for every format and
+        under ``jit``, ``vmap`` and ``grad``; non-finite values follow the products'
+        semantics.
+
+        Args:
+          axis: ``None``, 0, 1, -1 or -2.
+
+        Returns:
+          A dense array in the matrix's dtype.
+
+        Raises:
+          ValueError: any other ``axis``.
+
+        Example:
+          >>> import jax.numpy as jnp, jsparse
+          >>> a = jsparse.BCSR.fromdense(jnp.array([[1.0, 2.0], [0.0, 3.0]]))
+          >>> a.sum().item(), a.sum(axis=0).tolist(), a.sum(axis=1).tolist()
+          (6.0, [1.0, 5.0], [3.0, 3.0])
+        """
+        if axis is None:
+            return jnp.sum(self @ jnp.ones((self.shape[1],), self.dtype))
+        if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not (-2 <= axis < 2):
+            raise ValueError(f"sum: axis must be None, 0, 1, -1 or -2, got {axis!r}")
+        if axis % 2 == 0:
+            return jnp.ones((self.shape[0],), self.dtype) @ self
+        return self @ jnp.ones((self.shape[1],), self.dtype)
+
+    def __getitem__(self, index):
+        """``a[i]``: row ``i`` as a dense vector (an int, or a traced integer scalar,
+        which must be in range; negative counts from the end). Other indexing raises.
+
+        Example:
+          >>> import jax.numpy as jnp, jsparse
+          >>> a = jsparse.BCSR.fromdense(jnp.array([[1.0, 2.0], [0.0, 3.0]]))
+          >>> a[1].tolist(), a[-2].tolist()
+          ([0.0, 3.0], [1.0, 2.0])
+        """
+        scalar_int = isinstance(index, int | np.integer) or (
+            isinstance(index, jax.Array | np.ndarray)
+            and index.ndim == 0
+            and jnp.issubdtype(index.dtype, jnp.integer)
+        )
+        if isinstance(index, bool) or not scalar_int:
+            raise TypeError(
+                f"{type(self).__name__} indexing takes one integer row, a[i] (a dense "
+                f"row); got {index!r}. Use a.todense()[...] for other indexing"
+                + (", or a.block_rows(start, stop)" if hasattr(self, "block_rows") else "")
+            )
+        m = self.shape[0]
+        if isinstance(index, int | np.integer):
+            if not -m <= index < m:
+                raise IndexError(f"row {index} is out of range for shape {tuple(self.shape)}")
+            index = int(index) % m
+        else:
+            index = jnp.where(index < 0, index + m, index)
+        return jax.nn.one_hot(index, m, dtype=self.dtype) @ self
 
     def __truediv__(self, other):
         from jsparse.core import verbs
@@ -340,10 +453,46 @@ class AbstractSparseMatrix(abc.ABC):
             "call .todense() first."
         )
 
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The leading batch axes of a stacked matrix (``()`` for one matrix).
+
+        ``jax.tree.map(jnp.stack, ...)`` over matrices (what ``nnx.vmap`` and
+        ``lax.scan`` produce) gives leaves with extra leading axes; such a stack is
+        used inside ``jax.vmap`` or indexed (``jax.tree.map(lambda l: l[i], a)``).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jsparse
+          >>> a = jsparse.BCSR.fromdense(jnp.eye(4), block_shape=(2, 2))
+          >>> stacked = jax.tree.map(lambda *ls: jnp.stack(ls), a, a, a)
+          >>> a.batch_shape, stacked.batch_shape
+          ((), (3,))
+        """
+        if self._value_ndim is None or not self._value_fields:
+            return ()
+        leaf = getattr(self, self._value_fields[0], None)
+        shape = getattr(leaf, "shape", None)
+        if not isinstance(shape, tuple) or len(shape) <= self._value_ndim:
+            return ()
+        return tuple(shape[: len(shape) - self._value_ndim])
+
+    def _check_unstacked(self, what: str) -> None:
+        """ValueError naming the batch axes if this matrix is stacked."""
+        batch = self.batch_shape
+        if batch:
+            raise ValueError(
+                f"{what}: this {type(self).__name__} is stacked along leading axes {batch} "
+                f"(its leaves have extra leading axes, as jax.tree.map(jnp.stack, ...), "
+                f"nnx.vmap or lax.scan make); use jax.vmap over it or index it "
+                f"(jax.tree.map(lambda leaf: leaf[i], a))"
+            )
+
     def __repr__(self) -> str:
         static = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._static_fields)
         leaves = ", ".join(f"{f}={_describe(getattr(self, f))}" for f in self._leaf_fields)
-        return f"{type(self).__name__}({static}, {leaves})"
+        batch = self.batch_shape
+        stacked = f"[stacked {batch}]" if batch else ""
+        return f"{type(self).__name__}{stacked}({static}, {leaves})"
 
     # -------------------------------------------------------------- pytree glue
     def _tree_flatten_with_keys(self):
@@ -371,8 +520,13 @@ class AbstractSparseMatrix(abc.ABC):
 
 
 def register_format(cls):
-    """Class decorator: register a format dataclass as a pytree with key paths, and
-    list it among the formats the shared test suite and the tools discover.
+    """Class decorator: register a format dataclass as a pytree with key paths (and
+    for :mod:`jax.export` serialization, so exported functions can take and return
+    it), and list it among the formats the shared test suite and the tools discover.
+
+    The serialized name is ``"<module>.<qualname>"``; the static fields are written
+    as JSON, so they must be ``None``, bools, ints, floats, strings or (nested)
+    tuples of them.
 
     Args:
       cls: a dataclass deriving from :class:`AbstractSparseMatrix` whose
@@ -402,9 +556,65 @@ def register_format(cls):
             tuple(getattr(obj, f) for f in cls._static_fields),
         ),
     )
+    _register_serialization(cls)
     if cls not in _FORMATS:
         _FORMATS.append(cls)
     return cls
+
+
+def _register_serialization(cls) -> None:
+    """Register ``cls`` for ``jax.export`` (its aux data, the static fields, as JSON)."""
+
+    def serialize(aux) -> bytes:
+        fields = dict(zip(cls._static_fields, aux, strict=True))
+        return json.dumps(
+            {f: _to_json(f"{cls.__name__}.{f}", v) for f, v in fields.items()}, sort_keys=True
+        ).encode()
+
+    def deserialize(data: bytes):
+        fields = json.loads(data.decode())
+        if sorted(fields) != sorted(cls._static_fields):
+            raise ValueError(
+                f"cannot deserialize a {cls.__name__}: the serialized static fields "
+                f"{sorted(fields)} differ from the class's {sorted(cls._static_fields)}"
+            )
+        return tuple(_from_json(fields[f]) for f in cls._static_fields)
+
+    base = f"{cls.__module__}.{cls.__qualname__}"
+    for attempt in range(100):  # classes of the same qualname (defined in functions)
+        name = base if attempt == 0 else f"{base}#{attempt}"
+        try:
+            jax.export.register_pytree_node_serialization(
+                cls,
+                serialized_name=name,
+                serialize_auxdata=serialize,
+                deserialize_auxdata=deserialize,
+            )
+            return
+        except ValueError as e:
+            if "serialized_name" not in str(e):
+                raise  # cls itself is registered already
+
+
+def _to_json(name: str, v):
+    if v is None or isinstance(v, bool | str):
+        return v
+    if isinstance(v, int | np.integer):
+        return int(v)
+    if isinstance(v, float | np.floating):
+        return float(v)
+    if isinstance(v, tuple | list):
+        return {"tuple": [_to_json(name, x) for x in v]}
+    raise TypeError(
+        f"{name} = {v!r} cannot be serialized for jax.export: static fields must be "
+        "None, bools, ints, floats, strings or tuples of them"
+    )
+
+
+def _from_json(v):
+    if isinstance(v, dict):
+        return tuple(_from_json(x) for x in v["tuple"])
+    return v
 
 
 def registered_formats() -> tuple[type, ...]:
@@ -427,4 +637,16 @@ def _leaf_nbytes(x) -> int:
 
 
 def _describe(x) -> str:
-    return f"{jnp.dtype(x.dtype).name}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
+    try:
+        return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
+    except (AttributeError, TypeError):  # not an array: a placeholder, a dtype ...
+        return repr(x)
+
+
+def _unstacked_only(method):
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        self._check_unstacked(f"{type(self).__name__}.{method.__name__}")
+        return method(self, *args, **kwargs)
+
+    return checked

@@ -10,13 +10,33 @@ implementation by a :class:`ProductKernels` bundle of two array-level kernels:
 
 ``pattern`` is the format's tuple (or NamedTuple) of index arrays, ``config`` its
 hashable static description (shape, block shape, n:m ...). :func:`spmm` and
-:func:`sample` add the derivatives, the same for every format and implementation:
-``Y = op(A) @ X`` gives ``dX = op(A).T @ dY`` (the same kernel, ``transpose``
-flipped) and ``dA = dY @ X.T`` sampled at A's pattern; the sample's derivatives are
-two products with the cotangent as values. Both stay sparse.
+:func:`sample` add the derivatives, the same for every format and implementation.
 
-This module is the one place where sparse products meet autodiff: giving them
-forward-mode rules changes this file, not the formats.
+**Why primitives.** Both products are *bilinear* (in ``values`` and ``x``; in ``u``
+and ``v``), so they are JAX primitives (``spmm_p``, ``sample_p``) with the rules
+JAX's own linear primitives (``dot_general``) have, rather than a ``custom_vjp``,
+which supports reverse mode only:
+
+* **JVP**: ``d(op(A) @ x) = op(dA) @ x + op(A) @ dx`` and ``d sample(u, v) =
+  sample(du, v) + sample(u, dv)``, each term the same primitive;
+* **transpose** (in one linear argument at a time): for ``Y = op(A) @ X``,
+  ``dX = op(A).T @ dY`` (the same kernel, ``transpose`` flipped) and ``dA = dY @ X.T``
+  sampled at A's pattern; for the sample, two products with the cotangent as values.
+  Reverse mode is JVP + transpose, so the backward is the same sparse computation as
+  the former custom VJP (and as fast), and ``jax.jvp``, ``jacfwd``, ``hessian``,
+  forward-over-reverse, ``linearize`` and ``linear_transpose`` compose with it;
+* **batching**: a batch of ``x`` alone is folded into its columns (one product);
+  any other batched operand is a ``lax.map`` over the primitive (so the body stays
+  differentiable);
+* **abstract eval**: the kernel's own ``eval_shape`` (cached); **lowering**:
+  ``mlir.lower_fun`` of the kernel call.
+
+The transposes call the kernel bundle themselves: Pallas kernels have no autodiff
+rules and JAX cannot transpose them. Kernels, config, ``transpose`` and the pattern's
+tree structure are static, hashable parameters; the index arrays are operands that
+get no (float0) cotangent.
+
+This module is the one place where sparse products meet autodiff.
 """
 
 from __future__ import annotations
@@ -27,7 +47,12 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
+# ``spmm_p`` and ``sample_p`` (the primitives) are importable for JAX-level work.
 __all__ = ["ProductKernels", "sample", "spmm"]
 
 
@@ -35,7 +60,7 @@ __all__ = ["ProductKernels", "sample", "spmm"]
 class ProductKernels:
     """The array-level kernels of one implementation of an entrywise format.
 
-    Hashable and static (it is a ``nondiff_argnums`` argument of the custom VJPs).
+    Hashable and static (it is a parameter of the ``spmm_p`` / ``sample_p`` primitives).
 
     Attributes:
       spmm: ``spmm(values, pattern, x, *, config, transpose) -> op(A) @ x``.
@@ -62,56 +87,65 @@ class ProductKernels:
     sample: Callable[..., Any]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+# ------------------------------------------------------------------ the primitives
+# ``spmm_p`` binds ``(values, *pattern_leaves, x)`` and ``sample_p`` binds
+# ``(u, v, *pattern_leaves)``; the pattern's tree structure, the kernels, the config
+# and ``transpose`` are static parameters (all hashable).
+spmm_p = Primitive("jsparse_spmm")
+sample_p = Primitive("jsparse_sample")
+
+
 def spmm(
     kernels: ProductKernels, config: Hashable, transpose: bool, values, pattern, x: jax.Array
 ) -> jax.Array:
-    """``op(A) @ x`` through ``kernels``, with sparse reverse-mode derivatives.
+    """``op(A) @ x`` through ``kernels``, a linear primitive with sparse derivatives.
 
-    ``dx = op(A).T @ dy`` (the same kernel, ``transpose`` flipped) and
-    ``dvalues = dy @ x.T`` sampled at the pattern: neither densifies ``A``.
+    Bilinear in ``values`` and ``x``: its JVP is two products (``op(dA) @ x +
+    op(A) @ dx``), its transposes are ``dx = op(A).T @ dy`` (the same kernel,
+    ``transpose`` flipped) and ``dvalues = dy @ x.T`` sampled at the pattern; neither
+    densifies ``A``. So ``jax.grad``, ``jax.jvp``, ``jax.linearize``,
+    ``jax.linear_transpose``, their compositions and ``jax.vmap`` all work.
 
     Args:
       kernels: the format's bundle of one implementation.
       config: its static configuration (hashable).
       transpose: multiply by ``A.T``.
       values: the stored values (differentiable).
-      pattern: the index arrays (not differentiated).
+      pattern: the index arrays (a pytree of integer arrays; not differentiated).
       x: dense 2-D operand.
 
     Returns:
       ``op(A) @ x`` in ``x.dtype``.
 
+    Raises:
+      ValueError: from a transpose rule asked to transpose in ``values`` and ``x`` at
+        once (the product is bilinear, not linear, in the pair).
+
     Example:
       >>> import jax, jax.numpy as jnp, jsparse
       >>> from jsparse.formats.bcsr.xla import XLA_KERNELS
       >>> a = jsparse.BCSR.random(jax.random.key(0), (8, 8), density=0.5, block_shape=(2, 2))
-      >>> y = spmm(XLA_KERNELS, a.kernel_config, False, a.data, a.pattern, jnp.ones((8, 3)))
-      >>> bool(jnp.allclose(y, a.todense() @ jnp.ones((8, 3))))
+      >>> x = jnp.ones((8, 3))
+      >>> y = spmm(XLA_KERNELS, a.kernel_config, False, a.data, a.pattern, x)
+      >>> bool(jnp.allclose(y, a.todense() @ x))
+      True
+      >>> f = lambda x: spmm(XLA_KERNELS, a.kernel_config, False, a.data, a.pattern, x)
+      >>> bool(jnp.allclose(jax.jvp(f, (x,), (x,))[1], y))
       True
     """
-    return kernels.spmm(values, pattern, x, config=config, transpose=transpose)
+    leaves, tree = jax.tree.flatten(pattern)
+    return spmm_p.bind(
+        values, *leaves, x, kernels=kernels, config=config, transpose=transpose, tree=tree
+    )
 
 
-def _spmm_fwd(kernels, config, transpose, values, pattern, x):
-    return spmm(kernels, config, transpose, values, pattern, x), (values, pattern, x)
-
-
-def _spmm_bwd(kernels, config, transpose, residuals, dy):
-    values, pattern, x = residuals
-    dx = kernels.spmm(values, pattern, dy, config=config, transpose=not transpose)
-    u, v = (x, dy) if transpose else (dy, x)
-    dvalues = kernels.sample(u, v, pattern, config=config)
-    return dvalues.astype(values.dtype), None, dx.astype(x.dtype)
-
-
-spmm.defvjp(_spmm_fwd, _spmm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def sample(kernels: ProductKernels, config: Hashable, pattern, u: jax.Array, v: jax.Array):
-    """``u @ v.T`` at the stored positions of ``pattern`` (values-shaped), with sparse
-    reverse-mode derivatives.
+    """``u @ v.T`` at the stored positions of ``pattern`` (values-shaped): an SDDMM, a
+    linear primitive with sparse derivatives.
+
+    Bilinear in ``u`` and ``v``: its JVP is two samples, its transposes two products
+    with the cotangent as values (``du = G @ v``, ``dv = G.T @ u``, ``G`` the sparse
+    matrix holding the cotangent).
 
     Args:
       kernels: the format's bundle of one implementation.
@@ -120,7 +154,10 @@ def sample(kernels: ProductKernels, config: Hashable, pattern, u: jax.Array, v: 
       u: dense ``(M, J)``; v: dense ``(K, J)`` (the right factor, transposed).
 
     Returns:
-      An array shaped like the format's values.
+      An array shaped like the format's values, in ``u.dtype``.
+
+    Raises:
+      ValueError: from a transpose rule asked to transpose in ``u`` and ``v`` at once.
 
     Example:
       >>> import jax.numpy as jnp, jsparse
@@ -131,19 +168,173 @@ def sample(kernels: ProductKernels, config: Hashable, pattern, u: jax.Array, v: 
       >>> blocks.shape, float(blocks[0, 0, 0])
       ((2, 2, 2), 3.0)
     """
-    return kernels.sample(u, v, pattern, config=config)
+    leaves, tree = jax.tree.flatten(pattern)
+    return sample_p.bind(u, v, *leaves, kernels=kernels, config=config, tree=tree)
 
 
-def _sample_fwd(kernels, config, pattern, u, v):
-    return sample(kernels, config, pattern, u, v), (pattern, u, v)
+# --- implementations (eager, and lowered through the same function)
+def _spmm_impl(values, *rest, kernels, config, transpose, tree):
+    *leaves, x = rest
+    return kernels.spmm(values, tree.unflatten(leaves), x, config=config, transpose=transpose)
 
 
-def _sample_bwd(kernels, config, residuals, g):
-    pattern, u, v = residuals
-    # out = (u @ v.T) at the pattern  =>  du = G @ v and dv = G.T @ u, G holding g.
-    du = kernels.spmm(g, pattern, v, config=config, transpose=False)
-    dv = kernels.spmm(g, pattern, u, config=config, transpose=True)
-    return None, du.astype(u.dtype), dv.astype(v.dtype)
+def _sample_impl(u, v, *leaves, kernels, config, tree):
+    return kernels.sample(u, v, tree.unflatten(leaves), config=config)
 
 
-sample.defvjp(_sample_fwd, _sample_bwd)
+def _struct(aval):
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_shape(impl, params: tuple, avals: tuple):
+    out = jax.eval_shape(functools.partial(impl, **dict(params)), *map(_struct, avals))
+    return jax.core.ShapedArray(out.shape, out.dtype)
+
+
+def _abstract_eval(impl):
+    """Abstract evaluation: the kernel's own output shape and dtype (``eval_shape``,
+    cached per static parameters and input shapes)."""
+
+    def rule(*avals, **params):
+        key = tuple(sorted(params.items()))
+        try:
+            hash((key, avals))
+        except TypeError:  # an unhashable (e.g. symbolic) shape: no cache
+            return _cached_shape.__wrapped__(impl, key, avals)
+        return _cached_shape(impl, key, avals)
+
+    return rule
+
+
+spmm_p.def_impl(_spmm_impl)
+spmm_p.def_abstract_eval(_abstract_eval(_spmm_impl))
+mlir.register_lowering(spmm_p, mlir.lower_fun(_spmm_impl, multiple_results=False))
+sample_p.def_impl(_sample_impl)
+sample_p.def_abstract_eval(_abstract_eval(_sample_impl))
+mlir.register_lowering(sample_p, mlir.lower_fun(_sample_impl, multiple_results=False))
+
+
+# --- JVPs: bilinear, so the tangent is the sum of two calls of the same primitive
+def _is_zero(t) -> bool:
+    return type(t) is ad.Zero
+
+
+def _sum_terms(terms, out):
+    if not terms:
+        return ad.Zero(jax.core.get_aval(out).to_tangent_aval())
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total.astype(out.dtype)
+
+
+def _spmm_jvp(primals, tangents, **params):
+    values, *leaves, x = primals
+    dvalues, *_, dx = tangents
+    y = spmm_p.bind(*primals, **params)
+    terms = []
+    if not _is_zero(dvalues):
+        terms.append(spmm_p.bind(dvalues, *leaves, x, **params))
+    if not _is_zero(dx):
+        terms.append(spmm_p.bind(values, *leaves, dx, **params))
+    return y, _sum_terms(terms, y)
+
+
+def _sample_jvp(primals, tangents, **params):
+    u, v, *leaves = primals
+    du, dv, *_ = tangents
+    out = sample_p.bind(*primals, **params)
+    terms = []
+    if not _is_zero(du):
+        terms.append(sample_p.bind(du, v, *leaves, **params))
+    if not _is_zero(dv):
+        terms.append(sample_p.bind(u, dv, *leaves, **params))
+    return out, _sum_terms(terms, out)
+
+
+ad.primitive_jvps[spmm_p] = _spmm_jvp
+ad.primitive_jvps[sample_p] = _sample_jvp
+
+
+# --- transposes: the sparse backward, the same kernels
+def _undefined(x) -> bool:
+    return ad.is_undefined_primal(x)
+
+
+def _check_linear(name, a, b, leaves):
+    if (_undefined(a) and _undefined(b)) or any(map(_undefined, leaves)):
+        raise ValueError(
+            f"{name} is bilinear: it can be transposed in one dense operand at a time, "
+            "never in its index arrays"
+        )
+
+
+def _spmm_transpose(ct, values, *rest, kernels, config, transpose, tree):
+    *leaves, x = rest
+    _check_linear("spmm", values, x, leaves)
+    dvalues = dx = None
+    if not _is_zero(ct):
+        if _undefined(x):  # dX = op(A).T @ dY: the same kernel, transpose flipped
+            dx = spmm_p.bind(
+                values, *leaves, ct,
+                kernels=kernels, config=config, transpose=not transpose, tree=tree,
+            ).astype(x.aval.dtype)  # fmt: skip
+        if _undefined(values):  # dA = dY @ X.T at A's pattern
+            u, v = (x, ct) if transpose else (ct, x)
+            dvalues = sample_p.bind(
+                u, v, *leaves, kernels=kernels, config=config, tree=tree
+            ).astype(values.aval.dtype)
+    return [dvalues, *(None for _ in leaves), dx]
+
+
+def _sample_transpose(g, u, v, *leaves, kernels, config, tree):
+    _check_linear("sample", u, v, leaves)
+    du = dv = None
+    if not _is_zero(g):
+        params = dict(kernels=kernels, config=config, tree=tree)
+        # out = (u @ v.T) at the pattern  =>  du = G @ v and dv = G.T @ u, G holding g.
+        if _undefined(u):
+            du = spmm_p.bind(g, *leaves, v, transpose=False, **params).astype(u.aval.dtype)
+        if _undefined(v):
+            dv = spmm_p.bind(g, *leaves, u, transpose=True, **params).astype(v.aval.dtype)
+    return [du, dv, *(None for _ in leaves)]
+
+
+ad.primitive_transposes[spmm_p] = _spmm_transpose
+ad.primitive_transposes[sample_p] = _sample_transpose
+
+
+# --- batching
+def _loop(prim, args, dims, params):
+    """Any batched operand but a lone ``x``: one call per batch element (``lax.map``),
+    so that the body stays this primitive (differentiable again, kernels unchanged)."""
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+    moved = [jnp.moveaxis(args[i], dims[i], 0) for i in mapped]
+
+    def one(sliced):
+        full = list(args)
+        for i, s in zip(mapped, sliced, strict=True):
+            full[i] = s
+        return prim.bind(*full, **params)
+
+    return lax.map(one, moved), 0
+
+
+def _spmm_batch(args, dims, **params):
+    *_, xd = dims
+    if all(d is None for d in dims[:-1]):
+        # Only x is batched: fold the batch into the columns, one product.
+        x = jnp.moveaxis(args[-1], xd, 1)
+        k, b, n = x.shape
+        y = spmm_p.bind(*args[:-1], x.reshape(k, b * n), **params)
+        return y.reshape(y.shape[0], b, n), 1
+    return _loop(spmm_p, args, dims, params)
+
+
+def _sample_batch(args, dims, **params):
+    return _loop(sample_p, args, dims, params)
+
+
+batching.primitive_batchers[spmm_p] = _spmm_batch
+batching.primitive_batchers[sample_p] = _sample_batch

@@ -35,6 +35,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
 
 __all__ = [
     "PLATFORMS",
@@ -42,6 +45,7 @@ __all__ = [
     "Implementation",
     "check_impl",
     "implementations",
+    "on_platform",
     "register_impl",
     "run",
     "with_pallas",
@@ -312,3 +316,144 @@ def _stage(branches: dict[str, Callable[..., Any]], args, kwargs):
         return fns[0](*args, **kwargs)
     bound = {fn: functools.partial(fn, **kwargs) for fn in fns}
     return jax.lax.platform_dependent(*args, **{p: bound[fn] for p, fn in branches.items()})
+
+
+# ------------------------------------------------------------------ platform-only code
+# ``lax.platform_dependent`` lowers each branch for *every* platform of a
+# multi-platform export (only the choice among branches is per platform), so a
+# branch holding a CUDA-only Pallas kernel fails to lower for CPU ("Only interpret
+# mode is supported on CPU backend") or TPU. ``on_platform`` wraps such a kernel in a
+# primitive whose lowering is registered for its own platform only.
+_on_platform_p = jex_core.Primitive("jsparse_on_platform")
+_on_platform_p.multiple_results = True
+
+
+def on_platform(
+    platform: str, fn: Callable[..., Any], *, export_fallback: Callable[..., Any] | None = None
+) -> Callable[..., Any]:
+    """``fn`` (arrays in, arrays out) marked as code for ``platform`` only.
+
+    Lowered for ``platform``, the wrapper is ``fn``. In a lowering for several
+    platforms at once (``jax.export(..., platforms=[...])``), the other platforms get
+    a NaN-filled placeholder of the same shapes instead of lowering ``fn`` for them:
+    use it inside the ``platform`` branch of a :func:`jax.lax.platform_dependent`
+    (as :func:`run` stages it), which never executes that branch elsewhere. Lowered
+    for another platform alone, it raises. Keyword arguments are static. ``vmap``
+    works; differentiate around it (``custom_vjp``), not through it.
+
+    Args:
+      platform: one of :data:`PLATFORMS`.
+      fn: a function of arrays (pytrees of arrays) returning arrays.
+      export_fallback: a function with ``fn``'s signature and result shapes that
+        replaces it when lowering for ``jax.export`` (for kernels whose compiled form
+        has no export compatibility guarantee, such as Triton's: JAX refuses to
+        serialize them).
+
+    Returns:
+      The wrapped function, with ``fn``'s signature.
+
+    Raises:
+      ValueError: an unknown ``platform``, or a fallback whose results differ in shape.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jsparse.core.registry import on_platform
+      >>> double = on_platform("cpu", lambda x: 2 * x)
+      >>> jax.jit(double)(jnp.ones(2)).tolist()
+      [2.0, 2.0]
+    """
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        leaves, in_tree = jax.tree.flatten(args)
+
+        def flat(f):
+            return lambda *xs: jax.tree.leaves(f(*jax.tree.unflatten(in_tree, xs), **kwargs))
+
+        closed = jax.make_jaxpr(flat(fn))(*leaves)
+        out_tree = jax.tree.structure(
+            jax.eval_shape(lambda *xs: fn(*jax.tree.unflatten(in_tree, xs), **kwargs), *leaves)
+        )
+        fallback = None
+        if export_fallback is not None:
+            fallback = jax.make_jaxpr(flat(export_fallback))(*leaves)
+            got = [a.shape for a in fallback.out_avals]
+            want = [a.shape for a in closed.out_avals]
+            if got != want:
+                raise ValueError(
+                    f"on_platform: the export fallback returns shapes {got}, the kernel {want}"
+                )
+        outs = _on_platform_p.bind(*leaves, jaxpr=closed, platform=platform, fallback=fallback)
+        return jax.tree.unflatten(out_tree, outs)
+
+    return wrapped
+
+
+def _on_platform_impl(*args, jaxpr, platform, fallback):
+    del platform, fallback
+    return jex_core.jaxpr_as_fun(jaxpr)(*args)
+
+
+def _on_platform_abstract_eval(*args, jaxpr, platform, fallback):
+    del args, platform, fallback
+    return jaxpr.out_avals
+
+
+def _on_platform_lowering(lowering_platform, ctx, *args, jaxpr, platform, fallback):
+    if platform != lowering_platform:
+        return _placeholder_lowering(ctx, *args, jaxpr=jaxpr, platform=platform, fallback=None)
+    fn = jex_core.jaxpr_as_fun(jaxpr)
+    if fallback is not None and ctx.module_context.lowering_parameters.for_export:
+        dtypes = [a.dtype for a in jaxpr.out_avals]
+        inner = jex_core.jaxpr_as_fun(fallback)
+
+        def fn(*xs):
+            return [y.astype(d) for y, d in zip(inner(*xs), dtypes, strict=True)]
+
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+def _placeholder_lowering(ctx, *args, jaxpr, platform, fallback):
+    del fallback
+    platforms = ctx.module_context.platforms
+    if len(platforms) == 1:
+        raise ValueError(
+            f"code for {platform} only (a {platform} kernel) cannot be lowered for "
+            f"{platforms[0]}; it runs inside the {platform} branch of a platform-dependent "
+            "choice"
+        )
+
+    def nans(*_):
+        return [
+            jnp.full(a.shape, jnp.nan if jnp.issubdtype(a.dtype, jnp.inexact) else 0, a.dtype)
+            for a in jaxpr.out_avals
+        ]
+
+    return mlir.lower_fun(nans, multiple_results=True)(ctx, *args)
+
+
+def _on_platform_batch(args, dims, *, jaxpr, platform, fallback):
+    in_axes = list(dims)  # None: not mapped
+
+    def batched(closed):
+        f = jex_core.jaxpr_as_fun(closed)
+        return jax.vmap(lambda *xs: f(*xs), in_axes=in_axes)
+
+    outs = on_platform(
+        platform,
+        batched(jaxpr),
+        export_fallback=None if fallback is None else batched(fallback),
+    )(*args)
+    return outs, [0] * len(outs)
+
+
+_on_platform_p.def_impl(_on_platform_impl)
+_on_platform_p.def_abstract_eval(_on_platform_abstract_eval)
+mlir.register_lowering(_on_platform_p, _placeholder_lowering)
+for _p in PLATFORMS:
+    mlir.register_lowering(
+        _on_platform_p, functools.partial(_on_platform_lowering, _p), platform=_p
+    )
+batching.primitive_batchers[_on_platform_p] = _on_platform_batch

@@ -23,10 +23,21 @@ import numpy as np
 from jsparse.core.matrix import AbstractSparseMatrix
 from jsparse.core.registry import check_impl, run
 
-__all__ = ["add", "map_values", "matmul", "scale", "sddmm", "todense", "transpose"]
+__all__ = [
+    "add",
+    "map_values",
+    "matmul",
+    "multiply",
+    "scale",
+    "sddmm",
+    "todense",
+    "transpose",
+    "validate",
+]
 
 
 def _run(op: str, a: AbstractSparseMatrix, impl: str, *args, **kwargs):
+    a._check_unstacked(f"jsparse.{op}")
     order = a.auto_order(op) if impl == "auto" else ()
     return run(op, type(a), impl, order, a, *args, **kwargs)
 
@@ -159,6 +170,10 @@ def _sparse_at_dense(a: AbstractSparseMatrix, x: jax.Array, impl: str) -> jax.Ar
     return jnp.moveaxis(y, 0, -2)
 
 
+def _static(d) -> bool:
+    return isinstance(d, int | np.integer)
+
+
 def _dense_at_sparse(x: jax.Array, a: AbstractSparseMatrix, impl: str) -> jax.Array:
     m, k = a.shape
     if x.ndim == 0:
@@ -169,7 +184,8 @@ def _dense_at_sparse(x: jax.Array, a: AbstractSparseMatrix, impl: str) -> jax.Ar
         )
     lead = x.shape[:-1]
     # x @ A = (A.T @ x.T).T: the kernels read A transposed, nothing forms A.T.
-    y = _run("matmul", a, impl, x.reshape(-1, m).T, transpose=True).T
+    rows = int(np.prod(lead, dtype=np.int64)) if all(map(_static, lead)) else -1
+    y = _run("matmul", a, impl, x.reshape(rows, m).T, transpose=True).T
     return y.reshape(*lead, k)
 
 
@@ -320,3 +336,115 @@ def _(a: AbstractSparseMatrix, b, *, impl: str = "auto"):
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"add: shapes differ: {a.shape} and {b.shape}")
     return _run("add", a, impl, b)
+
+
+@functools.singledispatch
+def multiply(a, b, *, impl: str = "auto"):
+    """Elementwise product ``a * b`` in ``a``'s format (``A * x``).
+
+    ``b`` may be a scalar (:func:`scale`), a dense array of ``a.shape`` (its entries
+    at ``a``'s stored positions multiply the stored values; unstored entries stay
+    zero whatever ``b`` holds there), or a matrix of ``a``'s format with the same
+    pattern (the stored values multiply; patterns as in :func:`add`).
+
+    Args:
+      a: a jsparse format whose stored values are entries (BCSR, N:M).
+      b: a scalar, a dense array of ``a.shape``, or a same-pattern matrix.
+      impl: ``"auto"`` or an implementation's name.
+
+    Returns:
+      A matrix in ``a``'s format and pattern.
+
+    Raises:
+      TypeError: ``a`` is not a format, the format has no entrywise product
+        (Monarch, LowRankSparse: the result would not be one), or ``b`` is of
+        another format.
+      ValueError: ``b``'s shape or pattern differs from ``a``'s.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(jnp.eye(2), block_shape=(1, 1))
+      >>> (a * jnp.array([[3.0, 5.0], [7.0, 9.0]])).todense().tolist()
+      [[3.0, 0.0], [0.0, 9.0]]
+    """
+    raise _not_a_format("multiply", a)
+
+
+@multiply.register
+def _(a: AbstractSparseMatrix, b, *, impl: str = "auto"):
+    check_impl(impl)
+    if not isinstance(b, AbstractSparseMatrix) and jnp.ndim(b) == 0:
+        return scale(a, b, impl=impl)
+    from jsparse.core.registry import implementations
+
+    if not implementations("multiply", type(a)):
+        raise TypeError(
+            f"{type(a).__name__} has no elementwise product with an array or a matrix (the "
+            f"result would not be a {type(a).__name__}); use a.todense() * b"
+        )
+    if isinstance(b, AbstractSparseMatrix):
+        if type(a) is not type(b):
+            raise TypeError(
+                f"multiply: both operands must have the same format, got "
+                f"{type(a).__name__} and {type(b).__name__}"
+            )
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"multiply: shapes differ: {a.shape} and {b.shape}")
+        return _run("multiply", a, impl, b)
+    b = jnp.asarray(b)
+    if tuple(b.shape) != tuple(a.shape):
+        raise ValueError(
+            f"multiply: the dense operand must have the matrix's shape {tuple(a.shape)} "
+            f"(no broadcasting), got {tuple(b.shape)}"
+        )
+    if not (
+        jnp.issubdtype(b.dtype, jnp.floating)
+        or jnp.issubdtype(b.dtype, jnp.integer)
+        or b.dtype == jnp.bool_
+    ):
+        raise TypeError(f"multiply: the dense operand must be real, got {b.dtype}")
+    return _run("multiply", a, impl, b)
+
+
+# ------------------------------------------------------------------ validate
+def validate(a: AbstractSparseMatrix) -> AbstractSparseMatrix:
+    """Check every invariant of ``a``, also under ``jit`` (through ``checkify``).
+
+    Eagerly (concrete index arrays) this is ``a.validate()``: a ``ValueError`` names
+    the offending array. Traced (under ``jit``), the static checks run at trace time
+    and the index invariants (BCSR: block-columns in range, sorted within a
+    block-row, ``indptr`` non-decreasing from 0 to ``nse``; N:M: positions in
+    ``[0, m)``, increasing within each group) are staged as
+    :func:`jax.experimental.checkify.debug_check` calls: functionalize the function
+    with :func:`jax.experimental.checkify.checkify` to get the error (naming the
+    array) instead of the silently wrong results out-of-range indices give under
+    ``jit``; without ``checkify`` they cost nothing.
+
+    Args:
+      a: a jsparse format (one matrix, not a stack).
+
+    Returns:
+      ``a``, unchanged.
+
+    Raises:
+      TypeError: ``a`` is not a jsparse format, or a leaf has the wrong dtype.
+      ValueError: an invariant fails (eagerly), or ``a`` is stacked.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jsparse
+      >>> from jax.experimental import checkify
+      >>> a = jsparse.BCSR.fromdense(jnp.eye(4), block_shape=(2, 2))
+      >>> bad = a._replace(indices=jnp.array([0, 7], jnp.int32))
+      >>> err, _ = checkify.checkify(jax.jit(jsparse.validate))(bad)
+      >>> print(err.get())  # doctest: +ELLIPSIS
+      BCSR indices must be block-columns in [0, 2) ...; found 7 at position 1...
+    """
+    if not isinstance(a, AbstractSparseMatrix):
+        raise TypeError(f"jsparse.validate takes a jsparse format, got {type(a).__name__}")
+    a._check_unstacked("jsparse.validate")
+    if a._indices_concrete():
+        return a.validate()
+    a._validate_static()
+    a._check_indices_traced()
+    return a
+

@@ -6,8 +6,10 @@
   the format; each registers itself in :data:`FORMATS` under its ``format_name``.
 - :class:`SRSTELinear`: a dense ``nnx.Linear`` trained through its N:M mask
   (:class:`jsparse.train.SRSTE`).
-- :func:`sparsify` / :func:`densify`: swap the ``nnx.Linear`` layers of a model for
-  sparse ones (initialised from their kernels) and back; :func:`iter_linears`,
+- :func:`sparsify` / :func:`densify`: swap the ``nnx.Linear`` and ``nnx.LinearGeneral``
+  layers of a model (stacked by ``nnx.vmap`` or not) for sparse ones (initialised from
+  their kernels; :class:`FormatLinearGeneral` keeps ``LinearGeneral``'s shapes) and
+  back; :func:`iter_linears`, :func:`linear_layers`, :func:`linear_shape`,
   :func:`sparse_layers`, :func:`replace_module` and :func:`path_str` find and
   replace layers.
 
@@ -18,6 +20,7 @@ never see.
 
 from jsparse.nn.bcsr_linear import BCSRLinear, SparseLinear
 from jsparse.nn.format_linear import FORMATS, FormatLinear
+from jsparse.nn.linear_general import FormatLinearGeneral
 from jsparse.nn.lowrank_linear import LowRankSparseLinear
 from jsparse.nn.monarch_linear import MonarchLinear
 from jsparse.nn.nm_linear import NMLinear
@@ -25,6 +28,8 @@ from jsparse.nn.sr_ste_linear import SRSTELinear
 from jsparse.nn.surgery import (
     densify,
     iter_linears,
+    linear_layers,
+    linear_shape,
     path_str,
     replace_module,
     sparse_layers,
@@ -36,6 +41,7 @@ __all__ = [
     "FORMATS",
     "BCSRLinear",
     "FormatLinear",
+    "FormatLinearGeneral",
     "LowRankSparseLinear",
     "MonarchLinear",
     "NMLinear",
@@ -44,6 +50,8 @@ __all__ = [
     "SparsityPattern",
     "densify",
     "iter_linears",
+    "linear_layers",
+    "linear_shape",
     "path_str",
     "replace_module",
     "sparse_layers",

@@ -9,6 +9,7 @@
   without recompiling; grown blocks start at zero with reset optimizer moments
   (:class:`ValueRemap`, :func:`remap_optimizer`).
 - N:M: :class:`SRSTE`, ending in :class:`jsparse.nn.NMLinear` layers.
+- optax on whole formats: :func:`values_only` (updates the values, keeps the indices).
 
 See ``docs/training.md``.
 """
@@ -16,6 +17,7 @@ See ``docs/training.md``.
 from jsparse.train.dst import SET, RigL, dense_gradients, grow_and_drop
 from jsparse.train.erk import erk, erk_sparsities
 from jsparse.train.opt_state import ValueRemap, remap_opt_state, remap_optimizer
+from jsparse.train.optimizers import is_value_leaf, values_only
 from jsparse.train.pruning import GradualMagnitudePruning, magnitude_prune
 from jsparse.train.schedules import cosine_drop_fraction, cubic_sparsity
 from jsparse.train.sr_ste import SRSTE, SRSTELinear  # SRSTELinear: jsparse.nn's, re-exported
@@ -33,7 +35,9 @@ __all__ = [
     "erk",
     "erk_sparsities",
     "grow_and_drop",
+    "is_value_leaf",
     "magnitude_prune",
     "remap_opt_state",
     "remap_optimizer",
+    "values_only",
 ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jsparse.nn import iter_linears, path_str
+from jsparse.nn import linear_layers, linear_shape, path_str
 
 __all__ = ["erk", "erk_sparsities"]
 
@@ -83,22 +84,40 @@ def erk_sparsities(
     return out
 
 
-def erk(model, sparsity: float, *, filter: Any = ..., power: float = 1.0) -> dict[str, float]:  # noqa: A002
-    """:func:`erk_sparsities` for the ``nnx.Linear`` layers of ``model`` that ``filter``
-    selects, keyed by path string, ready for
+def erk(
+    model,
+    sparsity: float,
+    *,
+    filter: Any = ...,  # noqa: A002
+    power: float = 1.0,
+    block_shape: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """:func:`erk_sparsities` for the linear layers of ``model`` that ``filter`` selects
+    (those :func:`jsparse.nn.sparsify` considers: ``nnx.Linear`` and
+    ``nnx.LinearGeneral``, stacked or not), keyed by path string, ready for
     ``jsparse.nn.sparsify(model, format="bcsr", sparsity=erk(model, 0.9))``.
+
+    A layer ``sparsify`` cannot convert (:func:`jsparse.nn.linear_shape`) and, with
+    ``block_shape``, a layer whose (flattened) kernel the block shape does not divide
+    gets sparsity 0: it is counted as dense and the budget is shared among the
+    others. So ``filter=lambda path, layer: s[path_str(path)] > 0`` in ``sparsify``
+    selects exactly the layers that can and should be sparse. An ``nnx.LinearGeneral``
+    counts as its flattened ``(prod(in), prod(out))`` kernel, a stack of ``L`` layers
+    (``nnx.vmap``) as ``L`` layers sharing one sparsity.
 
     Args:
       model: an NNX module.
       sparsity: the overall target in ``[0, 1)``.
-      filter: an NNX filter of ``(path, layer)`` choosing the ``nnx.Linear`` layers.
+      filter: an NNX filter of ``(path, layer)`` choosing the layers.
       power: the ERK exponent (1 = ERK; 0 = uniform).
+      block_shape: ``(bm, bn)`` of the BCSR layers to make, or ``None`` (any shape).
 
     Returns:
       layer path string (``"layers/0"``) -> sparsity in ``[0, 1)``.
 
     Raises:
-      ValueError: the filter selects no ``nnx.Linear``, or as :func:`erk_sparsities`.
+      ValueError: the filter selects no layer, or as :func:`erk_sparsities` (e.g. the
+        layers that must stay dense exceed the budget).
 
     Example:
       >>> from flax import nnx
@@ -106,11 +125,34 @@ def erk(model, sparsity: float, *, filter: Any = ..., power: float = 1.0) -> dic
       ...                        nnx.Linear(256, 256, rngs=nnx.Rngs(1)))
       >>> {name: round(s, 4) for name, s in erk(model, 0.5).items()}
       {'layers/0': 0.0, 'layers/1': 0.5078}
+      >>> head = nnx.Sequential(nnx.Linear(256, 256, rngs=nnx.Rngs(0)),
+      ...                       nnx.Linear(256, 10, rngs=nnx.Rngs(1)))
+      >>> {name: round(s, 4) for name, s in erk(head, 0.5, block_shape=(32, 32)).items()}
+      {'layers/0': 0.5195, 'layers/1': 0.0}
     """
-    shapes = {
-        path_str(path): tuple(layer.kernel.shape)
-        for path, layer in iter_linears(model, filter=filter)
-    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    dense: list[str] = []
+    first: dict[str, str] = {}
+    for path, layer in linear_layers(model, filter=filter):
+        name = path_str(path)
+        try:
+            stack, shape = linear_shape(layer)
+            eligible = True
+        except ValueError:
+            stack, shape = (), (int(np.size(layer.kernel[...])), 1)
+            eligible = False
+        if eligible and block_shape is not None:
+            bm, bn = (int(b) for b in block_shape)
+            eligible = shape[0] % bm == 0 and shape[1] % bn == 0
+        copies = [name] if not stack else [f"{name}#{i}" for i in range(math.prod(stack))]
+        for copy in copies:
+            shapes[copy] = shape
+            if not eligible:
+                dense.append(copy)
+        first[name] = copies[0]
     if not shapes:
-        raise ValueError(f"erk: the filter {filter!r} selects no nnx.Linear layer")
-    return erk_sparsities(shapes, sparsity, power=power)
+        raise ValueError(
+            f"erk: the filter {filter!r} selects no nnx.Linear or nnx.LinearGeneral layer"
+        )
+    out = erk_sparsities(shapes, sparsity, power=power, dense=dense)
+    return {name: out[copy] for name, copy in first.items()}

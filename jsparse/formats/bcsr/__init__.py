@@ -4,6 +4,6 @@ from jsparse.core.entrywise import register_entrywise
 from jsparse.formats.bcsr import examples, pallas, xla  # noqa: F401  (register the implementations)
 from jsparse.formats.bcsr.matrix import BCSR
 
-register_entrywise(BCSR)
+register_entrywise(BCSR, gather=xla.gather)
 
 __all__ = ["BCSR"]

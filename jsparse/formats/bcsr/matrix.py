@@ -75,6 +75,7 @@ class BCSR(AbstractSparseMatrix):
     _leaf_fields = ("data", "indices", "indptr", "row_ids", "col_ptr", "col_order")
     _static_fields = ("shape",)
     _value_fields = ("data",)
+    _value_ndim = 3
 
     def __init__(self, data, indices, indptr, *, shape: Sequence[int]):
         object.__setattr__(self, "data", as_leaf(data))
@@ -193,6 +194,48 @@ class BCSR(AbstractSparseMatrix):
             raise ValueError(
                 f"BCSR indptr must have shape (M // bm + 1,) = ({nbr + 1},) for shape "
                 f"{self.shape} and block shape {self.block_shape}, got {self.indptr.shape}"
+            )
+
+    def _check_indices_traced(self) -> None:
+        from jax.experimental import checkify
+
+        if is_float0(self.indices) or is_float0(self.indptr):
+            return
+        nbr, nbc = self._grid
+        indptr, indices = self.indptr, self.indices
+        checkify.debug_check(
+            (indptr[0] == 0) & (indptr[-1] == self.nse),
+            f"BCSR indptr must start at 0 and end at nse={self.nse}; got indptr[0]={{}}, "
+            "indptr[-1]={}",
+            indptr[0],
+            indptr[-1],
+        )
+        if nbr:
+            steps = jnp.diff(indptr)
+            checkify.debug_check(
+                jnp.all(steps >= 0),
+                "BCSR indptr must be non-decreasing; it decreases after block-row {}",
+                jnp.argmax(steps < 0),
+            )
+        if self.nse:
+            bad = (indices < 0) | (indices >= nbc)
+            checkify.debug_check(
+                ~jnp.any(bad),
+                f"BCSR indices must be block-columns in [0, {nbc}) for shape {self.shape} "
+                f"and block shape {self.block_shape}; found {{}} at position {{}}",
+                indices[jnp.argmax(bad)],
+                jnp.argmax(bad),
+            )
+        if self.nse > 1:
+            same_row = self.row_ids[1:] == self.row_ids[:-1]
+            unsorted = same_row & (indices[1:] <= indices[:-1])
+            checkify.debug_check(
+                ~jnp.any(unsorted),
+                "BCSR indices must be strictly increasing within each block-row (sorted, "
+                "no duplicates); position {} holds {} after {}",
+                jnp.argmax(unsorted) + 1,
+                indices[jnp.argmax(unsorted) + 1],
+                indices[jnp.argmax(unsorted)],
             )
 
     def _validate_concrete(self) -> None:
@@ -340,6 +383,70 @@ class BCSR(AbstractSparseMatrix):
         return cls._from_positions(data, rows, cols, shape)
 
     @classmethod
+    def eye(cls, n: int, *, block_size: int = 1, dtype: Any = jnp.float32) -> BCSR:
+        """The ``n x n`` identity, stored as ``n // block_size`` diagonal blocks.
+
+        Args:
+          n: the size.
+          block_size: the (square) block size; must divide ``n``.
+          dtype: a real floating dtype.
+
+        Returns:
+          A BCSR of shape ``(n, n)`` and block shape ``(block_size, block_size)``.
+
+        Raises:
+          ValueError: a negative ``n`` or a ``block_size`` that does not divide it.
+          TypeError: a non-floating ``dtype``.
+
+        Example:
+          >>> import jsparse
+          >>> a = jsparse.BCSR.eye(4, block_size=2)
+          >>> a.nse, a.todense()[3].tolist()
+          (2, [0.0, 0.0, 0.0, 1.0])
+        """
+        (n,) = as_shape((n,), "n")
+        check_float_dtype("BCSR.eye dtype", jnp.dtype(dtype))
+        b = check_block_shape((n, n), (block_size, block_size))[0]
+        nb = n // b
+        data = jnp.broadcast_to(jnp.eye(b, dtype=dtype), (nb, b, b))
+        ids = jnp.arange(nb, dtype=jnp.int32)
+        return cls._from_positions(data, ids, ids, (n, n))
+
+    def block_rows(self, start: int, stop: int) -> BCSR:
+        """The block-rows ``start:stop`` as a BCSR of shape
+        ``((stop - start) * bm, K)`` (``start``, ``stop`` static ints with
+        ``0 <= start <= stop <= M // bm``).
+
+        The pattern must be concrete (the number of blocks kept depends on it); the
+        values may be traced (``grad`` through ``a.with_values(v).block_rows(...)``).
+
+        Raises:
+          ValueError: indices out of range, or a traced pattern (under ``jit``).
+
+        Example:
+          >>> import jax.numpy as jnp, jsparse
+          >>> a = jsparse.BCSR.fromdense(jnp.eye(4), block_shape=(2, 2))
+          >>> a.block_rows(1, 2).todense().tolist()
+          [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+        """
+        nbr, _ = self._grid
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= nbr):
+            raise ValueError(
+                f"block_rows needs ints 0 <= start <= stop <= {nbr} (block-rows of shape "
+                f"{self.shape} with block shape {self.block_shape}), got {start!r}, {stop!r}"
+            )
+        if not is_concrete(self.indptr):
+            raise ValueError(
+                "block_rows needs a concrete pattern (call it outside jit): the number "
+                "of blocks it keeps depends on indptr"
+            )
+        indptr = np.asarray(self.indptr)
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        shape = ((stop - start) * self.block_shape[0], self.shape[1])
+        return BCSR(self.data[lo:hi], self.indices[lo:hi], indptr[start : stop + 1] - lo,
+                    shape=shape)  # fmt: skip
+
+    @classmethod
     def _from_positions(cls, data, rows, cols, shape) -> BCSR:
         """From blocks at (rows, cols) already sorted row-major."""
         indptr = indptr_from_rows(rows, shape[0] // data.shape[1])
@@ -442,6 +549,38 @@ class BCSR(AbstractSparseMatrix):
         coo = s.tocoo()
         return cls._from_coo(coo.row, coo.col, coo.data, s.shape, block_shape)
 
+    @classmethod
+    def from_format(cls, a: AbstractSparseMatrix) -> BCSR:
+        """Any format's structurally stored entries (stored zeros kept) as a CSR
+        (``(1, 1)`` blocks); host-only: ``a``'s arrays must be concrete.
+
+        Raises:
+          TypeError: ``a`` is not a jsparse format.
+          ValueError: traced arrays (under ``jit``).
+
+        Example:
+          >>> import jax.numpy as jnp, jsparse
+          >>> a = jsparse.NM.fromdense(jnp.array([[0.0, 3.0, 0.0, 1.0]]), n=2, m=4)
+          >>> jsparse.BCSR.from_format(a).indices.tolist()
+          [1, 3]
+        """
+        from jsparse.core.nonfinite import stored_mask
+
+        if not isinstance(a, AbstractSparseMatrix):
+            raise TypeError(f"from_format expects a jsparse format, got {type(a).__name__}")
+        leaves = jax.tree_util.tree_leaves(a)
+        if not all(is_concrete(x) for x in leaves):
+            raise ValueError(
+                f"{type(a).__name__} to BCSR/scipy needs concrete arrays (call it outside "
+                "jit): the number of stored entries must be static"
+            )
+        rows, cols = np.nonzero(np.asarray(stored_mask(a)))
+        dense = np.asarray(a.todense())
+        data = jnp.asarray(dense[rows, cols].reshape(-1, 1, 1))
+        return cls._from_positions(
+            data, jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32), tuple(a.shape)
+        )
+
     def to_scipy(self, format: str = "bsr"):  # noqa: A002 - scipy's own name
         """Convert to ``scipy.sparse.bsr_array`` (``format="bsr"``) or ``csr_array``.
 
@@ -476,8 +615,9 @@ class BCSR(AbstractSparseMatrix):
         Duplicates are summed; entries padded out of range (as BCOO pads) are dropped.
 
         Raises:
-          TypeError: ``b`` is not a BCOO.
-          ValueError: ``b`` has batch or dense dimensions, or is not 2-D.
+          TypeError: ``b`` is not a BCOO, or holds complex values.
+          ValueError: ``b`` has batch or dense dimensions, or is not 2-D, or its arrays
+            are traced (under ``jit``: the pattern's size must be static).
 
         Example:
           >>> import jax.numpy as jnp, jsparse
@@ -494,6 +634,11 @@ class BCSR(AbstractSparseMatrix):
             raise ValueError(
                 f"from_bcoo needs a 2-D BCOO without batch or dense dims, got shape "
                 f"{b.shape}, n_batch={b.n_batch}, n_dense={b.n_dense}"
+            )
+        if not (is_concrete(b.indices) and is_concrete(b.data)):
+            raise ValueError(
+                "from_bcoo needs concrete arrays (call it outside jit): the number of "
+                "stored blocks depends on the BCOO's indices"
             )
         idx = np.asarray(b.indices)
         return cls._from_coo(idx[:, 0], idx[:, 1], np.asarray(b.data), b.shape, block_shape)
@@ -525,6 +670,8 @@ class BCSR(AbstractSparseMatrix):
         rows, cols, vals = rows[keep], cols[keep], vals[keep]  # BCOO pads out of range
         nbc = shape[1] // bn
         keys, inverse = np.unique((rows // bm) * nbc + cols // bn, return_inverse=True)
+        if np.iscomplexobj(vals):
+            check_float_dtype("BCSR import values", vals.dtype)  # raises: real only
         if not np.issubdtype(vals.dtype, np.floating):
             vals = vals.astype(np.float32)
         data = np.zeros((keys.size, bm, bn), vals.dtype)
@@ -565,9 +712,11 @@ def _scatter_blocks(
     The blocks are written straight into the ``(nbr, bm, nbc, bn)`` view of the
     output with a ``set`` scatter (positions are unique in a canonical BCSR): this is
     several times faster on CPU than an ``add`` scatter followed by a transpose, which
-    matters because ``impl="dense"`` densifies on every call.
+    matters because ``impl="dense"`` densifies on every call. Declaring the positions
+    unique also makes it linear-transposable (``jax.linear_transpose``; a gather).
     """
     _, bm, bn = data.shape
     nbr, nbc = shape[0] // bm, shape[1] // bn
-    out = jnp.zeros((nbr, bm, nbc, bn), data.dtype).at[row_ids, :, col_ids, :].set(data)
+    out = jnp.zeros((nbr, bm, nbc, bn), data.dtype)
+    out = out.at[row_ids, :, col_ids, :].set(data, unique_indices=True)
     return out.reshape(shape)

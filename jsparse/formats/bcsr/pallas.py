@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.core import product
+from jsparse.core.checks import symbolic_width_reason
 from jsparse.core.product import ProductKernels
-from jsparse.core.registry import register_impl
+from jsparse.core.registry import on_platform, register_impl
 from jsparse.formats.bcsr.matrix import BCSR
 from jsparse.formats.bcsr.pattern import BlockPattern
+from jsparse.formats.bcsr.xla import XLA_KERNELS
 from pallas_kernels.bcsr import bcsr_sddmm, bcsr_spmm, plan_sddmm, plan_spmm
 from pallas_kernels.common import Unsupported
 
@@ -55,11 +57,19 @@ def _sample(u, v, pattern: BlockPattern, *, config, backend, interpret):
 
 @functools.cache
 def kernels(backend: str, interpret: bool) -> ProductKernels:
-    """The BCSR kernel bundle of one Pallas backend (``"gpu"`` or ``"tpu"``)."""
-    return ProductKernels(
-        spmm=functools.partial(_spmm, backend=backend, interpret=interpret),
-        sample=functools.partial(_sample, backend=backend, interpret=interpret),
-    )
+    """The BCSR kernel bundle of one Pallas backend (``"gpu"`` or ``"tpu"``); compiled
+    kernels are marked as code for their platform only (``on_platform``), so a
+    multi-platform export does not lower them for the others."""
+    spmm = functools.partial(_spmm, backend=backend, interpret=interpret)
+    sample = functools.partial(_sample, backend=backend, interpret=interpret)
+    if not interpret:
+        platform = "cuda" if backend == "gpu" else "tpu"
+        # Triton kernels have no export compatibility guarantee (JAX refuses to
+        # serialize them): an export for CUDA runs the XLA kernels instead.
+        xla = XLA_KERNELS if platform == "cuda" else ProductKernels(None, None)
+        spmm = on_platform(platform, spmm, export_fallback=xla.spmm)
+        sample = on_platform(platform, sample, export_fallback=xla.sample)
+    return ProductKernels(spmm=spmm, sample=sample)
 
 
 def unsupported_reason(block_shape, n: int, dtype, backend: str) -> str | None:
@@ -83,7 +93,7 @@ def _register(platform: str | None, backend: str, interpret: bool) -> None:
 
     def matmul_supports(a: BCSR, x: jax.Array, *, transpose: bool) -> str | None:
         del transpose
-        return unsupported_reason(
+        return symbolic_width_reason(x) or unsupported_reason(
             a.block_shape, x.shape[1], jnp.result_type(a.dtype, x.dtype), backend
         )
 
@@ -92,7 +102,9 @@ def _register(platform: str | None, backend: str, interpret: bool) -> None:
         return pattern._replace(data=data)
 
     def sddmm_supports(pattern: BCSR, x: jax.Array, y: jax.Array) -> str | None:
-        return unsupported_reason(pattern.block_shape, x.shape[1], jnp.result_type(x, y), backend)
+        return symbolic_width_reason(x) or unsupported_reason(
+            pattern.block_shape, x.shape[1], jnp.result_type(x, y), backend
+        )
 
     register_impl("matmul", BCSR, "pallas", matmul, supports=matmul_supports, platform=platform)
     register_impl("sddmm", BCSR, "pallas", sddmm, supports=sddmm_supports, platform=platform)

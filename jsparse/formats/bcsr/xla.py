@@ -38,7 +38,7 @@ from jsparse.core.registry import register_impl
 from jsparse.formats.bcsr.matrix import BCSR
 from jsparse.formats.bcsr.pattern import BlockPattern
 
-__all__ = ["XLA_KERNELS", "chunk_size", "sddmm", "spmm"]
+__all__ = ["XLA_KERNELS", "chunk_size", "gather", "sddmm", "spmm"]
 
 # Target number of block elements processed per scan step.
 _ELEMENTS_PER_STEP = 1024
@@ -53,14 +53,17 @@ def chunk_size(block_shape: tuple[int, int]) -> int:
     return max(1, _ELEMENTS_PER_STEP // (bm * bn))
 
 
-def _chunked(data, row_ids, col_ids, chunk):
-    """Pad the block arrays to a multiple of ``chunk`` and reshape to (steps, chunk, ...)."""
+def _chunked(data, row_ids, col_ids, chunk, pad_row=0):
+    """Pad the block arrays to a multiple of ``chunk`` and reshape to (steps, chunk, ...).
+
+    Padding blocks are zeros at block ``(pad_row, 0)``; the product passes an
+    out-of-range ``pad_row`` so that its scatter drops them (a zero block times a
+    NaN in ``x`` would otherwise add NaN to an unstored row)."""
     nse = data.shape[0]
     pad = (-nse) % chunk
     if pad:
-        # Padding blocks are zeros at block (0, 0): they add nothing.
         data = jnp.concatenate([data, jnp.zeros((pad, *data.shape[1:]), data.dtype)])
-        row_ids = jnp.concatenate([row_ids, jnp.zeros((pad,), row_ids.dtype)])
+        row_ids = jnp.concatenate([row_ids, jnp.full((pad,), pad_row, row_ids.dtype)])
         col_ids = jnp.concatenate([col_ids, jnp.zeros((pad,), col_ids.dtype)])
     steps = (nse + pad) // chunk
     return (
@@ -129,9 +132,10 @@ def spmm(
     def chunk_step(acc, blk):
         d, dst, src = blk
         y = jnp.einsum(f"c{block_dims},cjn->cin", d, xb[src], preferred_element_type=acc_dtype)
-        return acc.at[dst].add(y), None
+        return acc.at[dst].add(y, mode="drop"), None
 
-    out, _ = lax.scan(chunk_step, out, _chunked(data, dst_ids, src_ids, chunk))
+    pad_row = out_rows // b_out  # out of range: padding blocks are dropped
+    out, _ = lax.scan(chunk_step, out, _chunked(data, dst_ids, src_ids, chunk, pad_row))
     return out.reshape(out_rows, n).astype(x.dtype)
 
 
@@ -199,6 +203,20 @@ def _sample(u, v, pattern: BlockPattern, *, config):
 
 
 XLA_KERNELS = ProductKernels(spmm=_spmm, sample=_sample)
+
+
+def gather(a: BCSR, dense: jax.Array) -> jax.Array:
+    """The entries of ``dense`` (``a.shape``) in ``a``'s stored blocks, ``(nse, bm, bn)``.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.BCSR.fromdense(jnp.eye(4), block_shape=(2, 2))
+      >>> gather(a, jnp.arange(16.0).reshape(4, 4))[1].tolist()
+      [[10.0, 11.0], [14.0, 15.0]]
+    """
+    bm, bn = a.block_shape
+    blocks = dense.reshape(a.shape[0] // bm, bm, a.shape[1] // bn, bn)
+    return blocks[a.row_ids, :, a.indices, :]
 
 
 @register_impl("matmul", BCSR, "xla")

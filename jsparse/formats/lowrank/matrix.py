@@ -64,6 +64,7 @@ class LowRankSparse(AbstractSparseMatrix):
     _leaf_fields = ("U", "V", *_S_FIELDS)
     _static_fields = ("shape",)
     _value_fields = ("U", "V", "S_data")
+    _value_ndim = 2
 
     def __init__(self, U: jax.typing.ArrayLike, V: jax.typing.ArrayLike, S: BCSR | None = None):  # noqa: N803
         """Build from ``U (m, r)``, ``V (r, n)`` and a :class:`BCSR` ``S (m, n)``.
@@ -172,6 +173,9 @@ class LowRankSparse(AbstractSparseMatrix):
                 f"LowRankSparse U, V and S must share one dtype, got U {U.dtype}, "
                 f"V {V.dtype} and S {S.data.dtype}"
             )
+
+    def _check_indices_traced(self) -> None:
+        self.S._check_indices_traced()
 
     def _validate_concrete(self) -> None:
         self.S._validate_concrete()

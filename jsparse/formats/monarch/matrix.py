@@ -65,6 +65,7 @@ class Monarch(AbstractSparseMatrix):
     _leaf_fields = ("left", "right")
     _static_fields = ("shape", "nblocks")
     _value_fields = ("left", "right")
+    _value_ndim = 3
 
     def __init__(self, left: jax.typing.ArrayLike, right: jax.typing.ArrayLike):
         """Build from the factor blocks ``left (b, s, q)`` and ``right (b, q, p)``.
@@ -288,6 +289,26 @@ class Monarch(AbstractSparseMatrix):
             shape=self.shape[::-1],
         )
 
+    def to_scipy(self, format: str = "csr"):  # noqa: A002 - scipy's own name
+        """Convert to ``scipy.sparse`` (``"csr"`` or ``"bsr"`` with ``(1, 1)`` blocks)
+        through :meth:`BCSR.from_format <jsparse.BCSR.from_format>`: every
+        structurally stored entry, stored zeros included. Host-only.
+
+        Raises:
+          ValueError: an unknown ``format``, or traced arrays (under ``jit``).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jsparse
+          >>> s = jsparse.Monarch.init(jax.random.key(0), (4, 4), nblocks=2).to_scipy()
+          >>> s.nnz, s.format
+          (16, 'csr')
+        """
+        from jsparse.formats.bcsr.matrix import BCSR
+
+        if format not in ("bsr", "csr"):
+            raise ValueError(f"format must be 'bsr' or 'csr', got {format!r}")
+        return BCSR.from_format(self).to_scipy(format)
+
     def astype(self, dtype: Any) -> Monarch:
         """Both factors cast to ``dtype`` (a floating dtype).
 
@@ -323,7 +344,13 @@ def _check_blocks(shape, nblocks, block_rank) -> tuple[int, int]:
         raise TypeError(f"nblocks must be an int, got {nblocks!r}")
     nb = int(nblocks)
     m, n = shape
-    if nb < 1 or m % nb or n % nb or m == 0 or n == 0:
+    if m == 0 or n == 0:
+        raise ValueError(
+            f"Monarch needs both dimensions nonzero, got shape {tuple(shape)}: the "
+            "factors of an empty matrix have no blocks (use jnp.zeros or a BCSR/NM "
+            "for a zero-size matrix)"
+        )
+    if nb < 1 or m % nb or n % nb:
         raise ValueError(
             f"nblocks={nb} must be a positive divisor of both dimensions of shape {tuple(shape)}"
         )

@@ -1,8 +1,10 @@
 """Monarch's ``"pallas"`` implementation: the fused two-factor kernel behind the registry.
 
 The forward and ``dX = M.T @ dY`` run the fused kernel (``pallas_kernels/monarch``);
-the factor gradients are einsums over the middle activations. Registered per
-platform: the Triton kernel on ``cuda``, the interpreter elsewhere (testable on CPU).
+the factor gradients are einsums over the middle activations. The product is a
+primitive with JVP, transpose and batching rules, so forward mode works too.
+Registered per platform: the Triton kernel on ``cuda``, the interpreter elsewhere
+(testable on CPU).
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
-from jsparse.core.registry import register_impl
+from jsparse.core.checks import symbolic_width_reason
+from jsparse.core.registry import on_platform, register_impl
+from jsparse.formats.monarch import xla
 from jsparse.formats.monarch.matrix import Monarch
 from pallas_kernels.common import Unsupported
 from pallas_kernels.monarch import monarch_matmul, plan_monarch
@@ -20,36 +27,115 @@ from pallas_kernels.monarch import monarch_matmul, plan_monarch
 __all__: list[str] = []
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _monarch_mm(interpret: bool, left, right, x):
-    return monarch_matmul(left, right, x, interpret=interpret)
-
-
-def _monarch_mm_fwd(interpret, left, right, x):
-    return _monarch_mm(interpret, left, right, x), (left, right, x)
-
-
-def _monarch_mm_bwd(interpret, res, dy):
-    left, right, x = res
-    nb, s, q = left.shape
-    p, g, n = right.shape[2], q // nb, x.shape[1]
-    # dx = M.T @ dy, and M.T is the Monarch (right^T blocks, left^T blocks): the kernel.
-    dx = monarch_matmul(
-        jnp.swapaxes(right, 1, 2), jnp.swapaxes(left, 1, 2), dy, interpret=interpret
+@functools.cache
+def _kernel(mode):
+    """The kernel: ``mode`` is ``True`` (the interpreter) or the platform the compiled
+    kernel is for (marked ``on_platform``, so a multi-platform export does not lower
+    it for the others)."""
+    if mode is True:
+        return functools.partial(monarch_matmul, interpret=True)
+    # Triton kernels have no export compatibility guarantee (JAX refuses to serialize
+    # them): an export for CUDA runs the XLA product instead.
+    fallback = xla.matmul if mode == "cuda" else None
+    return on_platform(
+        mode, functools.partial(monarch_matmul, interpret=False), export_fallback=fallback
     )
-    # dleft, dright: the middle activations, shuffled, against dy and x (XLA einsums).
+
+
+# ``M @ x`` through the kernel is a primitive, trilinear in (left, right, x), with the
+# rules of core/product.py's sparse products (see that module's docstring for why a
+# primitive rather than a custom_vjp): a JVP of three kernel products, transposes
+# (dx: the kernel on M.T; dleft, dright: einsums over the middle activations), a
+# batching rule (x alone: folded into columns; otherwise lax.map) and the kernel as
+# the lowering. ``mode`` (``True`` or a platform) is a static parameter.
+_monarch_p = Primitive("jsparse_monarch_matmul")
+
+
+def _monarch_mm(mode, left, right, x):
+    return _monarch_p.bind(left, right, x, mode=mode)
+
+
+def _mm_impl(left, right, x, *, mode):
+    return _kernel(mode)(left, right, x)
+
+
+def _mm_abstract(left, right, x, *, mode):
+    del mode
+    return jax.core.ShapedArray((left.shape[0] * left.shape[1], x.shape[1]), x.dtype)
+
+
+def _mm_jvp(primals, tangents, *, mode):
+    y = _monarch_p.bind(*primals, mode=mode)
+    terms = []
+    for i, t in enumerate(tangents):
+        if type(t) is not ad.Zero:
+            args = list(primals)
+            args[i] = t
+            terms.append(_monarch_p.bind(*args, mode=mode))
+    if not terms:
+        return y, ad.Zero(jax.core.get_aval(y).to_tangent_aval())
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return y, total.astype(y.dtype)
+
+
+def _dleft(right, x, dy, s):
+    nb, q, p = right.shape
+    g, n = q // nb, x.shape[1]
     acc = jnp.float32
-    xs, dys = x.reshape(nb, p, n), dy.reshape(nb, s, n)
-    z = jnp.einsum("kat,ktn->kan", right, xs, preferred_element_type=acc)
+    z = jnp.einsum("kat,ktn->kan", right, x.reshape(nb, p, n), preferred_element_type=acc)
     z = z.reshape(nb, nb, g, n).transpose(1, 0, 2, 3).reshape(nb, q, n)
-    dleft = jnp.einsum("lun,lcn->luc", dys.astype(acc), z)
-    h = jnp.einsum("luc,lun->lcn", left, dys, preferred_element_type=acc)
+    return jnp.einsum("lun,lcn->luc", dy.reshape(nb, s, n).astype(acc), z)
+
+
+def _dright(left, x, dy):
+    nb, s, q = left.shape
+    p, g, n = x.shape[0] // nb, q // nb, x.shape[1]
+    acc = jnp.float32
+    h = jnp.einsum("luc,lun->lcn", left, dy.reshape(nb, s, n), preferred_element_type=acc)
     h = h.reshape(nb, nb, g, n).transpose(1, 0, 2, 3).reshape(nb, q, n)
-    dright = jnp.einsum("kan,ktn->kat", h, xs.astype(acc))
-    return dleft.astype(left.dtype), dright.astype(right.dtype), dx.astype(x.dtype)
+    return jnp.einsum("kan,ktn->kat", h, x.reshape(nb, p, n).astype(acc))
 
 
-_monarch_mm.defvjp(_monarch_mm_fwd, _monarch_mm_bwd)
+def _mm_transpose(dy, left, right, x, *, mode):
+    undefined = [ad.is_undefined_primal(v) for v in (left, right, x)]
+    if sum(undefined) != 1:
+        raise ValueError("the Monarch product is transposable in one operand at a time")
+    if type(dy) is ad.Zero:
+        return [None, None, None]
+    if undefined[2]:  # dx = M.T @ dy, and M.T is the Monarch (right^T, left^T): the kernel
+        dx = _monarch_p.bind(jnp.swapaxes(right, 1, 2), jnp.swapaxes(left, 1, 2), dy, mode=mode)
+        return [None, None, dx.astype(x.aval.dtype)]
+    if undefined[0]:
+        s = left.aval.shape[1]
+        return [_dleft(right, x, dy, s).astype(left.aval.dtype), None, None]
+    return [None, _dright(left, x, dy).astype(right.aval.dtype), None]
+
+
+def _mm_batch(args, dims, *, mode):
+    if dims[0] is None and dims[1] is None:  # only x: fold the batch into the columns
+        x = jnp.moveaxis(args[2], dims[2], 1)
+        k, b, n = x.shape
+        y = _monarch_p.bind(args[0], args[1], x.reshape(k, b * n), mode=mode)
+        return y.reshape(y.shape[0], b, n), 1
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+
+    def one(sliced):
+        full = list(args)
+        for i, v in zip(mapped, sliced, strict=True):
+            full[i] = v
+        return _monarch_p.bind(*full, mode=mode)
+
+    return lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped]), 0
+
+
+_monarch_p.def_impl(_mm_impl)
+_monarch_p.def_abstract_eval(_mm_abstract)
+mlir.register_lowering(_monarch_p, mlir.lower_fun(_mm_impl, multiple_results=False))
+ad.primitive_jvps[_monarch_p] = _mm_jvp
+ad.primitive_transposes[_monarch_p] = _mm_transpose
+batching.primitive_batchers[_monarch_p] = _mm_batch
 
 
 def _oriented(a: Monarch, x: jax.Array, transpose: bool):
@@ -63,9 +149,12 @@ def _oriented(a: Monarch, x: jax.Array, transpose: bool):
 def _register(platform: str | None, backend: str, interpret: bool) -> None:
     def matmul(a: Monarch, x: jax.Array, *, transpose: bool) -> jax.Array:
         left, right, dtype = _oriented(a, x, transpose)
-        return _monarch_mm(interpret, left, right, x.astype(dtype)).astype(x.dtype)
+        mode = True if interpret else platform
+        return _monarch_mm(mode, left, right, x.astype(dtype)).astype(x.dtype)
 
     def supports(a: Monarch, x: jax.Array, *, transpose: bool) -> str | None:
+        if symbolic_width_reason(x):
+            return symbolic_width_reason(x)
         nb, s, q = a.left.shape
         p = a.right.shape[2]
         if transpose:

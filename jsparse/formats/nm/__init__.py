@@ -5,6 +5,6 @@ from jsparse.formats.nm import examples, pallas, xla  # noqa: F401  (register th
 from jsparse.formats.nm.masks import is_nm, nm_mask
 from jsparse.formats.nm.matrix import NM
 
-register_entrywise(NM)
+register_entrywise(NM, gather=xla.gather)
 
 __all__ = ["NM", "is_nm", "nm_mask"]

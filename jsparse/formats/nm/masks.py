@@ -66,6 +66,9 @@ def nm_mask(
         hold fewer than ``n`` (the rule of NVIDIA ASP's 2-D greedy). It may keep fewer
         than ``n`` in a row or column, never more. Needs ``m`` to divide both axes.
 
+    NaN ranks above every magnitude (``inf`` included), as in :meth:`NM.fromdense`,
+    so a NaN weight is kept (and stays visible); never more than ``n`` per group.
+
     Returns:
       A ``bool`` array of ``x.shape``: exactly ``n`` kept per group (ties to the lower
       position) without ``transposable``; at most ``n`` per row and column of every
@@ -114,12 +117,18 @@ def topn_mask(x: jax.Array, *, n: int, m: int, axis: int) -> jax.Array:
     # axis=0 the comparisons vectorise along the long output axis).
     shape = list(x.shape)
     shape[axis : axis + 1] = [shape[axis] // m, m]
+    # NaN ranks above every magnitude (as in lax.top_k and compress): NaN -> +inf,
+    # with the NaN flag breaking the tie against a true infinity.
     g = jnp.abs(x).reshape(shape)
-    mine = jnp.expand_dims(g, axis + 2)  # [..., i, 1, ...]
-    other = jnp.expand_dims(g, axis + 1)  # [..., 1, j, ...]
+    nan = jnp.isnan(g)
+    g = jnp.where(nan, jnp.inf, g)
+    mine, mine_nan = jnp.expand_dims(g, axis + 2), jnp.expand_dims(nan, axis + 2)
+    other, other_nan = jnp.expand_dims(g, axis + 1), jnp.expand_dims(nan, axis + 1)
     idx = jnp.arange(m)
     earlier = (idx[None, :] < idx[:, None]).reshape((m, m) + (1,) * (g.ndim - axis - 2))
-    rank = jnp.sum((other > mine) | ((other == mine) & earlier), axis=axis + 2)
+    tie = (other == mine) & (other_nan == mine_nan)
+    above = (other > mine) | ((other == mine) & other_nan & ~mine_nan)
+    rank = jnp.sum(above | (tie & earlier), axis=axis + 2)
     return (rank < n).reshape(x.shape)
 
 
@@ -127,7 +136,7 @@ def topn_mask(x: jax.Array, *, n: int, m: int, axis: int) -> jax.Array:
 def group_counts(x: jax.Array, *, m: int, axis: int) -> jax.Array:
     """Number of nonzeros in every group of ``m`` along ``axis``."""
     xt = jnp.moveaxis(x, axis, -1)
-    return jnp.sum(xt.reshape(*xt.shape[:-1], -1, m) != 0, axis=-1)
+    return jnp.sum(xt.reshape(*xt.shape[:-1], xt.shape[-1] // m, m) != 0, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
@@ -141,9 +150,10 @@ def transposable_mask(x: jax.Array, *, n: int, m: int) -> jax.Array:
     stuck with fewer than ``n`` in a row or column; it never keeps more.
     """
     rows, cols = x.shape
-    blocks = x.reshape(rows // m, m, cols // m, m).transpose(0, 2, 1, 3).reshape(-1, m * m)
-    order = jnp.argsort(-jnp.abs(blocks), axis=-1, stable=True)
-    nb = blocks.shape[0]
+    nb = rows // m * (cols // m)
+    blocks = x.reshape(rows // m, m, cols // m, m).transpose(0, 2, 1, 3).reshape(nb, m * m)
+    # Decreasing magnitude, NaN first (NaN ranks above every magnitude, as in nm_mask).
+    order = jnp.lexsort((-jnp.abs(blocks), ~jnp.isnan(blocks)), axis=-1)
 
     def step(carry, flat):
         row_count, col_count, keep = carry

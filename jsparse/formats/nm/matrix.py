@@ -94,6 +94,7 @@ class NM(AbstractSparseMatrix):
     _leaf_fields = ("values", "positions")
     _static_fields = ("shape", "n", "m", "axis")
     _value_fields = ("values",)
+    _value_ndim = 2
 
     def __init__(
         self,
@@ -235,6 +236,33 @@ class NM(AbstractSparseMatrix):
         if tuple(self.positions.shape) != self.packed_shape:
             raise ValueError(_packed_shape_message(self, tuple(self.positions.shape)))
 
+    def _check_indices_traced(self) -> None:
+        from jax.experimental import checkify
+
+        if is_float0(self.positions) or not self.values_shape[1]:
+            return
+        n, m = self.n, self.m
+        pos = packing.unpack_positions(self.positions, m=m, length=self.values_shape[1])
+        pos = pos.astype(jnp.int32)
+        bad = pos >= m
+        checkify.debug_check(
+            ~jnp.any(bad),
+            f"NM positions must be in [0, m) = [0, {m}); found {{}} at flat position {{}}",
+            pos.reshape(-1)[jnp.argmax(bad.reshape(-1))],
+            jnp.argmax(bad.reshape(-1)),
+        )
+        if n > 1:
+            groups = jnp.moveaxis(pos, self.axis, -1).reshape(-1, n)
+            unsorted = jnp.any(jnp.diff(groups, axis=1) <= 0, axis=1)
+            g = jnp.argmax(unsorted)
+            checkify.debug_check(
+                ~jnp.any(unsorted),
+                "NM positions must be strictly increasing within each group (sorted, no "
+                "repeats); group {} has positions {}",
+                g,
+                groups[g],
+            )
+
     def _validate_concrete(self) -> None:
         if is_float0(self.positions):
             return  # a cotangent: the structure lives in the primal
@@ -368,6 +396,26 @@ class NM(AbstractSparseMatrix):
             shape=self.shape[::-1],
             axis=1 - self.axis,
         )
+
+    def to_scipy(self, format: str = "csr"):  # noqa: A002 - scipy's own name
+        """Convert to ``scipy.sparse`` (``"csr"`` or ``"bsr"`` with ``(1, 1)`` blocks)
+        through :meth:`BCSR.from_format <jsparse.BCSR.from_format>`: every
+        structurally stored entry, stored zeros included. Host-only.
+
+        Raises:
+          ValueError: an unknown ``format``, or traced arrays (under ``jit``).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jsparse
+          >>> s = jsparse.NM.fromdense(jnp.ones((2, 4)), n=2, m=4).to_scipy()
+          >>> s.nnz, s.format
+          (4, 'csr')
+        """
+        from jsparse.formats.bcsr.matrix import BCSR
+
+        if format not in ("bsr", "csr"):
+            raise ValueError(f"format must be 'bsr' or 'csr', got {format!r}")
+        return BCSR.from_format(self).to_scipy(format)
 
     def astype(self, dtype: Any) -> NM:
         """The values cast to ``dtype`` (a floating dtype); the positions are kept.
@@ -517,7 +565,7 @@ def _unpack_np(packed: np.ndarray, bits: int) -> np.ndarray:
     per = 8 // bits
     shifts = np.arange(per, dtype=np.uint8) * bits
     full = (packed.astype(np.uint8)[..., None] >> shifts) & np.uint8((1 << bits) - 1)
-    return full.reshape(packed.shape[0], -1).astype(np.int64)
+    return full.reshape(packed.shape[0], packed.shape[1] * per).astype(np.int64)
 
 
 def _check_positions_np(pos: np.ndarray, n: int, m: int, axis: int) -> None:

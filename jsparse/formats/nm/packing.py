@@ -59,7 +59,7 @@ def pack_positions(positions: jax.Array, *, m: int) -> jax.Array:
     pad = -p.shape[-1] % per
     if pad:
         p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, pad)])
-    p = (p & jnp.uint8((1 << bits) - 1)).reshape(*p.shape[:-1], -1, per)
+    p = (p & jnp.uint8((1 << bits) - 1)).reshape(*p.shape[:-1], p.shape[-1] // per, per)
     out = p[..., 0]
     for j in range(1, per):
         out = out | (p[..., j] << jnp.uint8(bits * j))
@@ -79,7 +79,7 @@ def unpack_positions(packed: jax.Array, *, m: int, length: int) -> jax.Array:
         return packed[..., :length].astype(jnp.uint8)
     shifts = jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(bits)
     p = (packed.astype(jnp.uint8)[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
-    return p.reshape(*packed.shape[:-1], -1)[..., :length]
+    return p.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :length]
 
 
 def select_position(p: jax.Array, candidates: list[jax.Array]) -> jax.Array:
@@ -93,8 +93,8 @@ def select_position(p: jax.Array, candidates: list[jax.Array]) -> jax.Array:
 def group_view(a: jax.Array, axis: int, width: int) -> jax.Array:
     """Split ``axis`` into ``(groups, width)``: ``(R, G, w)`` or ``(G, w, K)``."""
     if axis == 1:
-        return a.reshape(a.shape[0], -1, width)
-    return a.reshape(-1, width, a.shape[1])
+        return a.reshape(a.shape[0], a.shape[1] // width, width)
+    return a.reshape(a.shape[0] // width, width, a.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
@@ -110,8 +110,8 @@ def decompress(values: jax.Array, positions: jax.Array, *, n: int, m: int, axis:
     for k in range(n):
         out = jnp.where(slot(p, k) == j, slot(v, k), out)
     if axis == 1:
-        return out.reshape(values.shape[0], -1)
-    return out.reshape(-1, values.shape[1])
+        return out.reshape(values.shape[0], values.shape[1] // n * m)
+    return out.reshape(values.shape[0] // n * m, values.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
@@ -122,11 +122,11 @@ def compress(x: jax.Array, *, n: int, m: int, axis: int) -> tuple[jax.Array, jax
     deterministic; works under ``jit``. Returns ``(values, positions)``.
     """
     xt = jnp.moveaxis(x, axis, -1)
-    g = xt.reshape(*xt.shape[:-1], -1, m)
+    g = xt.reshape(*xt.shape[:-1], xt.shape[-1] // m, m)
     _, idx = lax.top_k(jnp.abs(g), n)
     idx = jnp.sort(idx, axis=-1)
     vals = jnp.take_along_axis(g, idx, axis=-1)
-    shape = (*xt.shape[:-1], -1)
+    shape = (*xt.shape[:-1], xt.shape[-1] // m * n)
     vals = jnp.moveaxis(vals.reshape(shape), -1, axis)
     pos = jnp.moveaxis(idx.astype(jnp.uint8).reshape(shape), -1, axis)
     return vals, pos

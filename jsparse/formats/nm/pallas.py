@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.core import product as core_product
+from jsparse.core.checks import symbolic_width_reason
+from jsparse.core.nonfinite import stored_only
 from jsparse.core.product import ProductKernels
-from jsparse.core.registry import register_impl
+from jsparse.core.registry import on_platform, register_impl
 from jsparse.formats.nm.matrix import NM
-from jsparse.formats.nm.packing import unpack_positions
-from jsparse.formats.nm.xla import values_length
+from jsparse.formats.nm.packing import decompress, unpack_positions
+from jsparse.formats.nm.xla import XLA_KERNELS, values_length
 from pallas_kernels.common import Unsupported
 from pallas_kernels.nm import nm_sampled, nm_spmm, nm_spmm_t, plan_nm
 
@@ -32,7 +34,13 @@ def _spmm(values, packed, x, *, config, transpose, interpret):
     if axis == 0:  # A grouped along rows is the transpose of one grouped along columns
         values, positions, transpose = values.T, positions.T, not transpose
     fn = nm_spmm_t if transpose else nm_spmm
-    return fn(values, positions, x, n=n, m=m, interpret=interpret)
+
+    def dense():  # the kernels decompress tiles (unstored zeros meet NaN): correct them
+        w = decompress(values, positions, n=n, m=m, axis=1)
+        mask = decompress(jnp.ones(values.shape, jnp.bool_), positions, n=n, m=m, axis=1)
+        return (w.T, mask.T) if transpose else (w, mask)
+
+    return stored_only(lambda x: fn(values, positions, x, n=n, m=m, interpret=interpret), dense, x)
 
 
 def _sample(u, v, packed, *, config, interpret):
@@ -44,22 +52,31 @@ def _sample(u, v, packed, *, config, interpret):
 
 
 @functools.cache
-def kernels(interpret: bool) -> ProductKernels:
-    """The N:M kernel bundle (Triton kernels, or the interpreter)."""
-    return ProductKernels(
-        spmm=functools.partial(_spmm, interpret=interpret),
-        sample=functools.partial(_sample, interpret=interpret),
-    )
+def kernels(interpret: bool, platform: str | None = None) -> ProductKernels:
+    """The N:M kernel bundle (Triton kernels, or the interpreter); compiled kernels are
+    marked as code for ``platform`` only, so a multi-platform export does not lower
+    them for the others."""
+    spmm = functools.partial(_spmm, interpret=interpret)
+    sample = functools.partial(_sample, interpret=interpret)
+    if platform is not None:
+        # Triton kernels have no export compatibility guarantee (JAX refuses to
+        # serialize them): an export for CUDA runs the XLA kernels instead.
+        xla = XLA_KERNELS if platform == "cuda" else ProductKernels(None, None)
+        spmm = on_platform(platform, spmm, export_fallback=xla.spmm)
+        sample = on_platform(platform, sample, export_fallback=xla.sample)
+    return ProductKernels(spmm=spmm, sample=sample)
 
 
 def _register(platform: str | None, backend: str, interpret: bool) -> None:
-    bundle = kernels(interpret)
+    bundle = kernels(interpret, None if interpret else platform)
 
     def matmul(a: NM, x: jax.Array, *, transpose: bool) -> jax.Array:
         return core_product.spmm(bundle, a.kernel_config, transpose, a.values, a.positions, x)
 
     def supports(a: NM, x: jax.Array, *, transpose: bool) -> str | None:
         del transpose
+        if symbolic_width_reason(x):
+            return symbolic_width_reason(x)
         shape = a.shape if a.axis == 1 else a.shape[::-1]
         dtype = jnp.result_type(a.dtype, x.dtype)
         try:

@@ -34,12 +34,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jsparse.core import product as core_product
+from jsparse.core.nonfinite import stored_only
 from jsparse.core.product import ProductKernels
 from jsparse.core.registry import register_impl
 from jsparse.formats.nm.matrix import NM
 from jsparse.formats.nm.packing import decompress, group_view, select_position, unpack_positions
 
-__all__ = ["XLA_KERNELS", "sampled", "spmm", "values_length"]
+__all__ = ["XLA_KERNELS", "gather", "sampled", "spmm", "values_length"]
 
 # Dense entries decompressed per scan step (4 MiB of float32): big enough for an
 # efficient matrix product, small enough to stay in cache. Smaller matrices are
@@ -199,7 +200,20 @@ def sampled(
 def _spmm(values, packed, x, *, config, transpose):
     n, m, axis = config
     positions = unpack_positions(packed, m=m, length=values.shape[1])
-    return spmm(values, positions, x, n=n, m=m, axis=axis, transpose=transpose)
+
+    def product(x):
+        return spmm(values, positions, x, n=n, m=m, axis=axis, transpose=transpose)
+
+    if x.shape[1] == 1 and (axis == 1) != transpose:
+        return product(x)  # the matrix-vector product selects the stored entries only
+
+    def dense():  # the decompressing product multiplies unstored zeros too: correct it
+        w = decompress(values, positions, n=n, m=m, axis=axis)
+        ones = jnp.ones(values.shape, jnp.bool_)
+        mask = decompress(ones, positions, n=n, m=m, axis=axis)
+        return (w.T, mask.T) if transpose else (w, mask)
+
+    return stored_only(product, dense, x)
 
 
 def _sample(u, v, packed, *, config):
@@ -214,6 +228,27 @@ def values_length(cols: int, n: int, m: int, axis: int) -> int:
 
 
 XLA_KERNELS = ProductKernels(spmm=_spmm, sample=_sample)
+
+
+def gather(a: NM, dense: jax.Array) -> jax.Array:
+    """The entries of ``dense`` (``a.shape``) at ``a``'s stored positions, shaped like
+    ``a.values``.
+
+    Example:
+      >>> import jax.numpy as jnp, jsparse
+      >>> a = jsparse.NM.fromdense(jnp.array([[0.0, 3.0, 0.0, 1.0]]), n=2, m=4)
+      >>> gather(a, jnp.array([[10.0, 11.0, 12.0, 13.0]])).tolist()
+      [[11.0, 13.0]]
+    """
+    n, m, axis = a.kernel_config
+    positions = a.unpacked_positions
+    d = group_view(dense, axis, m)
+    p = group_view(positions, axis, n)
+    if axis == 1:
+        cand = [d[:, :, j : j + 1] for j in range(m)]
+    else:
+        cand = [d[:, j : j + 1, :] for j in range(m)]
+    return select_position(p, cand).reshape(positions.shape)
 
 
 @register_impl("matmul", NM, "xla")
