@@ -289,7 +289,7 @@ class FormatLinear(nnx.Module):
                 f"(in_features, out_features) = ({self.in_features}, {self.out_features})"
             )
 
-    def set_kernel(self, w: AbstractSparseMatrix) -> None:
+    def set_kernel(self, w: AbstractSparseMatrix, *, resize: bool = False) -> None:
         """Replace the kernel in place by ``w``, a format of the same type, shape and
         static configuration whose leaves have the shapes of the current ones (a new
         BCSR pattern with as many blocks, new N:M positions ...).
@@ -301,6 +301,8 @@ class FormatLinear(nnx.Module):
         Args:
           w: the new kernel (BCSR's derived index leaves come from its constructor:
             build it with ``BCSR.from_positions`` or ``BCSR(...)``).
+          resize: allow leaves of other shapes (a BCSR with fewer stored blocks, as
+            gradual magnitude pruning makes); a jitted step then traces anew.
 
         Raises:
           TypeError: ``w`` is another format, or an index leaf has another dtype.
@@ -337,7 +339,7 @@ class FormatLinear(nnx.Module):
         for var_name, leaf in zip(self._kernel_leaf_names, leaves, strict=True):
             variable = getattr(self, var_name)
             old = variable[...]
-            if tuple(leaf.shape) != tuple(old.shape):
+            if not resize and tuple(leaf.shape) != tuple(old.shape):
                 raise ValueError(
                     f"{name}.set_kernel: {var_name} has shape {tuple(old.shape)}, the new "
                     f"kernel's has {tuple(leaf.shape)}"

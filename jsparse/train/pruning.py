@@ -203,23 +203,10 @@ class GradualMagnitudePruning:
             if nse >= w.nse:
                 continue
             new, remaps[(*path, KERNEL_VALUES)] = _keep_largest(w, nse)
-            _install_resized(layer, new)
+            layer.set_kernel(new, resize=True)
         if optimizer is not None and remaps:
             remap_optimizer(optimizer, remaps)
         return bool(remaps)
-
-
-def _install_resized(layer: BCSRLinear, w: BCSR) -> None:
-    """Install ``w`` whole in ``layer``, like ``layer.set_kernel(w)`` but with fewer
-    stored blocks (``set_kernel`` keeps leaf shapes; GMP shrinks them). Every leaf of
-    ``w`` (values, pattern and its derived CSC view) replaces the variable of its name."""
-    variables = layer.kernel_variables
-    leaves = jax.tree_util.tree_flatten_with_path(w)[0]
-    names = ["kernel_" + path[-1].name for path, _ in leaves]
-    if type(w) is not type(layer.kernel) or sorted(names) != sorted(variables):
-        raise TypeError(f"cannot install a {type(w).__name__} in {type(layer).__name__}")
-    for name, (_, leaf) in zip(names, leaves, strict=True):
-        variables[name].set_value(leaf)
 
 
 def _keep_largest(w: BCSR, nse: int) -> tuple[BCSR, ValueRemap]:

@@ -168,7 +168,7 @@ class BCSR(AbstractSparseMatrix):
         """
         from jsparse.core.registry import with_pallas
 
-        if op in ("matmul",) and self.density > _dense_threshold(self.block_shape):
+        if op == "matmul" and self.density > _dense_threshold(self.block_shape):
             return with_pallas(["dense", "xla"])
         if op in ("matmul", "sddmm"):
             return with_pallas(["xla", "dense"])

@@ -14,6 +14,7 @@ from jsparse.core.checks import as_leaf, as_shape, check_float_dtype, is_float0
 from jsparse.core.linalg import relative_error
 from jsparse.core.matrix import AbstractSparseMatrix, register_format
 from jsparse.core.registry import with_pallas
+from jsparse.formats.bcsr.matrix import BCSR
 from jsparse.formats.monarch import factors
 
 __all__ = ["FLOP_RATIO_MAX", "Monarch"]
@@ -303,10 +304,6 @@ class Monarch(AbstractSparseMatrix):
           >>> s.nnz, s.format
           (16, 'csr')
         """
-        from jsparse.formats.bcsr.matrix import BCSR
-
-        if format not in ("bsr", "csr"):
-            raise ValueError(f"format must be 'bsr' or 'csr', got {format!r}")
         return BCSR.from_format(self).to_scipy(format)
 
     def astype(self, dtype: Any) -> Monarch:

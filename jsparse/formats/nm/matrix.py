@@ -19,6 +19,7 @@ from jsparse.core.checks import (
 )
 from jsparse.core.matrix import AbstractSparseMatrix, register_format
 from jsparse.core.registry import with_pallas
+from jsparse.formats.bcsr.matrix import BCSR
 from jsparse.formats.nm import packing
 
 __all__ = ["NM", "check_axis", "check_divides", "check_nm"]
@@ -411,10 +412,6 @@ class NM(AbstractSparseMatrix):
           >>> s.nnz, s.format
           (4, 'csr')
         """
-        from jsparse.formats.bcsr.matrix import BCSR
-
-        if format not in ("bsr", "csr"):
-            raise ValueError(f"format must be 'bsr' or 'csr', got {format!r}")
         return BCSR.from_format(self).to_scipy(format)
 
     def astype(self, dtype: Any) -> NM:
