@@ -120,7 +120,8 @@ def _restore_spec(path, want, saved, mesh):
             )
         sharding = jax.sharding.NamedSharding(mesh, sharding.spec)
     if isinstance(sharding, jax.sharding.NamedSharding) and shape != tuple(want.shape):
-        for size, axes in zip(shape, tuple(sharding.spec) + (None,) * len(shape)):
+        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+        for size, axes in zip(shape, spec, strict=True):
             parts = int(np.prod([sharding.mesh.shape[a] for a in _axis_names(axes)]))
             if size % parts:
                 raise ValueError(
@@ -141,13 +142,13 @@ def restore(directory: str | os.PathLike, target: Any, *, mesh=None) -> Any:
 
     ``target`` is an NNX module or a tuple of modules (concrete, or abstract from
     ``nnx.eval_shape``, e.g. built under another mesh so its variables carry the new
-    shardings), or a pytree of arrays / ``jax.ShapeDtypeStruct``. Each array is restored with the target
-    leaf's dtype and sharding (so restoring onto another mesh reshards) and with the
-    *saved* shape: a layer whose number of stored blocks changed between saves comes
-    back at its saved size. Floating values are cast to the target's dtype (restore
-    float32 values into a bfloat16 model); a leaf missing from the checkpoint, saved
-    with another rank, or an integer (index) leaf of another dtype raises
-    ``ValueError`` naming it.
+    shardings), or a pytree of arrays / ``jax.ShapeDtypeStruct``. Each array is
+    restored with the target leaf's dtype and sharding (so restoring onto another
+    mesh reshards) and with the *saved* shape: a layer whose number of stored blocks
+    changed between saves comes back at its saved size. Floating values are cast to
+    the target's dtype (float32 values restore into a bfloat16 model); a leaf missing
+    from the checkpoint, saved with another rank, or an integer (index) leaf of
+    another dtype raises ``ValueError`` naming it.
 
     A target built with ``nnx.eval_shape`` under ``jax.set_mesh(mesh)`` carries
     shardings on the *abstract* mesh; they are placed on ``mesh`` (default: the mesh

@@ -47,9 +47,7 @@ STEPS, BATCH = 12, 32
 
 class MLP(nnx.Module):
     def __init__(self, rngs):
-        self.hidden = jsparse.nn.BCSRLinear(
-            32, 64, sparsity=0.75, block_shape=(8, 8), rngs=rngs
-        )
+        self.hidden = jsparse.nn.BCSRLinear(32, 64, sparsity=0.75, block_shape=(8, 8), rngs=rngs)
         self.out = jsparse.nn.NMLinear(64, 8, n=2, m=4, rngs=rngs)
 
     def __call__(self, x):

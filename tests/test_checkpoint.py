@@ -96,7 +96,9 @@ def test_optimizer_state_round_trip(tmp_path):
     # The Adam moments are sized by the stored values, and come back equal.
     moments = jax.tree.leaves(nnx.state(optimizer, nnx.optimizer.OptState))
     r_moments = jax.tree.leaves(nnx.state(r_optimizer, nnx.optimizer.OptState))
-    assert sum(m.size for m in moments) < 3 * sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert sum(m.size for m in moments) < 3 * sum(
+        p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))
+    )
     for a, b in zip(moments, r_moments, strict=True):
         np.testing.assert_array_equal(a, b)
     step(model, optimizer, _x())
@@ -146,7 +148,9 @@ def test_same_size_pattern_change_restores_the_new_pattern(tmp_path):
     assert not np.array_equal(model.sparse.kernel_indices[...], w.indices)
     checkpoint.save(tmp_path / "2", model)
     restored = checkpoint.restore(tmp_path / "2", MLP("bcsr", nnx.Rngs(3)))
-    np.testing.assert_array_equal(restored.sparse.kernel_indices[...], model.sparse.kernel_indices[...])
+    np.testing.assert_array_equal(
+        restored.sparse.kernel_indices[...], model.sparse.kernel_indices[...]
+    )
     np.testing.assert_array_equal(restored(_x()), model(_x()))
 
 

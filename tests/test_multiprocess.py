@@ -42,7 +42,7 @@ def _run(num_processes: int, out: pathlib.Path) -> dict[str, np.ndarray]:
     finally:
         for p in procs:
             p.kill()
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]
     return dict(np.load(out))
 
