@@ -6,6 +6,8 @@
   the format; each registers itself in :data:`FORMATS` under its ``format_name``.
 - :class:`SRSTELinear`: a dense ``nnx.Linear`` trained through its N:M mask
   (:class:`jsparse.train.SRSTE`).
+- :class:`SparseMultiHeadAttention`: ``nnx.MultiHeadAttention`` over a block-sparse
+  attention pattern (:mod:`jsparse.attention`); its mask is an :class:`AttentionMask`.
 - :func:`sparsify` / :func:`densify`: swap the ``nnx.Linear`` and ``nnx.LinearGeneral``
   layers of a model (stacked by ``nnx.vmap`` or not) for sparse ones (initialised from
   their kernels; :class:`FormatLinearGeneral` keeps ``LinearGeneral``'s shapes) and
@@ -18,6 +20,7 @@ Trainable values are :class:`flax.nnx.Param`; index arrays are
 never see.
 """
 
+from jsparse.nn.attention import AttentionMask, SparseMultiHeadAttention
 from jsparse.nn.bcsr_linear import BCSRLinear, SparseLinear
 from jsparse.nn.format_linear import FORMATS, FormatLinear
 from jsparse.nn.linear_general import FormatLinearGeneral
@@ -39,6 +42,7 @@ from jsparse.nn.variables import SparsityPattern
 
 __all__ = [
     "FORMATS",
+    "AttentionMask",
     "BCSRLinear",
     "FormatLinear",
     "FormatLinearGeneral",
@@ -46,6 +50,7 @@ __all__ = [
     "MonarchLinear",
     "NMLinear",
     "SRSTELinear",
+    "SparseMultiHeadAttention",
     "SparseLinear",
     "SparsityPattern",
     "densify",
