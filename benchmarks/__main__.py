@@ -1,4 +1,5 @@
-"""Speed benchmarks: ``python -m benchmarks [--only SECTION ...] [--quick]``.
+"""Speed benchmarks: ``python -m benchmarks [--only SECTION ...] [--quick]``, and
+suites: ``python -m benchmarks --suite gpu [--output FILE] [--profile DIR]``.
 
 Every figure is a ratio measured in one process (median of several runs after
 warm-up), because absolute times on shared machines are noisy. Sections are the
@@ -15,6 +16,9 @@ import pathlib
 import platform
 
 FOLDER = pathlib.Path(__file__).resolve().parent
+# Suites: modules with ``run_suite(output, quick, profile)`` (not sections: they need
+# a particular accelerator and write their own report file).
+SUITES = ("gpu",)
 
 
 def _defines_run(path: pathlib.Path) -> bool:
@@ -43,7 +47,14 @@ def main(argv=None, prog: str = "python -m benchmarks") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--only", nargs="*", choices=sections, help="sections to run")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer cases")
+    parser.add_argument("--suite", choices=SUITES, help="run a suite (e.g. gpu) instead")
+    parser.add_argument("--output", help="the markdown file a suite writes")
+    parser.add_argument("--profile", help="a suite's folder for profiler traces")
     args = parser.parse_args(argv)
+    if args.suite:
+        module = importlib.import_module(f"{__package__ or 'benchmarks'}.{args.suite}")
+        module.run_suite(output=args.output, quick=args.quick, profile=args.profile)
+        return
 
     import jax
 

@@ -21,6 +21,7 @@ from pallas_kernels.nm import (
     nm_spmm_t,
     plan_nm,
 )
+from pallas_kernels.targets import Target
 
 from oracle import assert_close
 
@@ -65,8 +66,8 @@ def test_nm_kernels_interpret(case):
 
 
 def test_nm_planner():
-    with pytest.raises(Unsupported, match="tpu"):
-        plan_nm((64, 64), 2, 4, 8, jnp.float32, backend="tpu")
+    with pytest.raises(Unsupported, match="float16"):  # the TPU kernels: tests/test_pallas_tpu_*
+        plan_nm((64, 64), 2, 4, 8, jnp.float16, backend="tpu")
     with pytest.raises(Unsupported, match="float64"):
         plan_nm((64, 64), 2, 4, 8, jnp.float64)
     cfg = plan_nm((64, 256), 2, 4, 1, jnp.float32)
@@ -86,8 +87,8 @@ def test_nm_grad_pallas_matches_xla(axis):
     assert_close(ga.values, ga_ref.values, jnp.float32, 64)
     assert_close(gx, gx_ref, jnp.float32, 64)
     assert _lowered(functools.partial(grad, impl="pallas"), a, x).count(f"@{TRITON}(") == 3
-    with pytest.raises(NotImplementedError, match="platform tpu"):  # no TPU kernel
-        _lowered(functools.partial(grad, impl="pallas"), a, x, platform="tpu")
+    tpu = _lowered(functools.partial(grad, impl="pallas"), a, x, platform="tpu")
+    assert TRITON not in tpu and "tpu_custom_call" in tpu  # the Mosaic kernels
 
 
 # ------------------------------------------------------------------ Monarch
@@ -117,10 +118,13 @@ def test_monarch_kernel_interpret(case):
 def test_monarch_planner():
     assert plan_monarch((4, 64, 64), (4, 64, 64), 8, jnp.bfloat16).use_dot
     assert not plan_monarch((4, 6, 8), (4, 8, 10), 8, jnp.float32).use_dot
-    with pytest.raises(Unsupported, match="256"):
-        plan_monarch((2, 512, 8), (2, 8, 8), 8, jnp.float32)
-    with pytest.raises(Unsupported, match="tpu"):
-        plan_monarch((4, 64, 64), (4, 64, 64), 8, jnp.float32, backend="tpu")
+    # blocks taller than 256 rows are tiled (ts rows per program), not refused
+    tall = plan_monarch((2, 512, 8), (2, 8, 8), 8, jnp.float32)
+    assert (tall.s, tall.ts) == (512, 256)
+    with pytest.raises(Unsupported, match="shared memory of tiny"):
+        plan_monarch((2, 512, 8), (2, 8, 8), 8, jnp.float32, target=Target("tiny", "gpu", 1024))
+    with pytest.raises(Unsupported, match="float16"):  # the TPU kernel: tests/test_pallas_tpu_*
+        plan_monarch((4, 64, 64), (4, 64, 64), 8, jnp.float16, backend="tpu")
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])

@@ -37,6 +37,7 @@ from pallas_kernels.common import (
     round_up,
     tpu_sublane,
 )
+from pallas_kernels.targets import Target, current_target, fit_tiles
 
 __all__ = ["SddmmConfig", "bcsr_sddmm", "bcsr_sddmm_reference", "plan_sddmm"]
 
@@ -52,9 +53,13 @@ class SddmmConfig:
       tj: contraction columns per step; the wrapper pads ``J`` to a multiple.
       backend: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic).
       num_warps, num_stages: Triton launch parameters (GPU only).
+      tm, tn: the output tile of one program, dividing ``(bm, bn)``; ``None``: the
+        whole block. :func:`plan_sddmm` tiles large blocks to fit the target.
+      f32_operands: multiply in float32 (TPU v2/v3: Mosaic has no bfloat16 matmul).
 
     Raises (at construction):
-      ValueError: non-positive sizes or an unknown backend.
+      ValueError: non-positive sizes, tiles that do not divide the block, or an
+        unknown backend.
       Unsupported: tiles the backend cannot handle.
 
     Example:
@@ -68,6 +73,9 @@ class SddmmConfig:
     backend: str = "gpu"
     num_warps: int = 4
     num_stages: int = 2
+    tm: int | None = None
+    tn: int | None = None
+    f32_operands: bool = False
 
     def __post_init__(self):
         bm, bn = self.block_shape
@@ -76,26 +84,51 @@ class SddmmConfig:
             raise ValueError(
                 f"block_shape and tj must be positive, got {self.block_shape}, {self.tj}"
             )
+        if self.tm is None:
+            object.__setattr__(self, "tm", bm)
+        if self.tn is None:
+            object.__setattr__(self, "tn", bn)
+        for name, t, side in (("tm", self.tm, bm), ("tn", self.tn, bn)):
+            if t <= 0 or side % t:
+                raise ValueError(f"{name}={t} must divide the block side {side}")
         if self.backend == "gpu":
             for name, v in (("bm", bm), ("bn", bn), ("tj", self.tj)):
                 if not is_pow2(v):
                     raise Unsupported(
                         f"the Triton SDDMM kernel needs power-of-two tiles; {name}={v}"
                     )
-        elif bm % 8 or bn % 8:
-            raise Unsupported(
-                f"the TPU SDDMM kernel needs bm and bn multiples of 8, got {self.block_shape}"
-            )
+        else:
+            if bm % 8 or bn % 8:
+                raise Unsupported(
+                    f"the TPU SDDMM kernel needs bm and bn multiples of 8, got {self.block_shape}"
+                )
+            if (self.tn != bn and self.tn % 128) or (self.tm != bm and self.tm % 8):
+                raise Unsupported(
+                    f"the TPU SDDMM kernel tiles blocks in multiples of (8, 128); got tiles "
+                    f"tm={self.tm}, tn={self.tn} of block {self.block_shape}"
+                )
 
     def padded_j(self, j: int) -> int:
         return round_up(max(j, 1), self.tj)
+
+    def onchip_bytes(self, dtype) -> int:
+        """Estimated on-chip bytes of one program: shared memory (GPU: both dot
+        operands of each pipeline stage) or scoped VMEM (TPU: double-buffered input
+        and output tiles, the float32 accumulator, casts)."""
+        isz = jnp.dtype(dtype).itemsize
+        tm, tn, tj = self.tm, self.tn, self.tj
+        if self.backend == "gpu":
+            return max(self.num_stages, 1) * (tm + tn) * tj * isz
+        cast = 4 * (tm + tn) * tj if self.f32_operands else 0
+        return 2 * (tm + tn) * tj * isz + 2 * tm * tn * isz + 3 * 4 * tm * tn + cast
 
     @classmethod
     def for_shapes(
         cls, block_shape: tuple[int, int], j: int, *, dtype=jnp.float32, backend: str = "gpu"
     ) -> SddmmConfig:
-        """GPU: ``tj`` = next power of two of ``J`` in ``[16, 64]``. TPU: the whole
-        ``J`` (rounded up to 128) when ``J <= 512``, else 512.
+        """Whole blocks (:func:`plan_sddmm` then tiles them for the target). GPU:
+        ``tj`` = next power of two of ``J`` in ``[16, 64]``. TPU: the whole ``J``
+        (rounded up to 128) when ``J <= 512``, else 512.
 
         Example:
           >>> from pallas_kernels.bcsr import SddmmConfig
@@ -111,25 +144,36 @@ class SddmmConfig:
         return cls((bm, bn), tj, backend)
 
 
-def plan_sddmm(block_shape: tuple[int, int], j: int, dtype, *, backend: str) -> SddmmConfig:
-    """The default config for these shapes, after every support check.
+def plan_sddmm(
+    block_shape: tuple[int, int], j: int, dtype, *, backend: str, target: Target | None = None
+) -> SddmmConfig:
+    """The config for these shapes on ``target``, after every support check.
+
+    Output blocks are tiled (``tm x tn`` per program) until the estimate of
+    on-chip memory fits the target (Triton's shared memory per block, or 3/4 of the
+    TPU's scoped VMEM limit); GPU tiles are at most 128 (the float32 accumulator
+    lives in registers).
 
     Args:
       block_shape: ``(bm, bn)`` of the sampled blocks.
       j: the contraction length.
       dtype: the compute dtype.
       backend: ``"gpu"`` or ``"tpu"``.
+      target: the chip; default :func:`~pallas_kernels.targets.current_target`.
 
     Returns:
-      The default :class:`SddmmConfig`.
+      The :class:`SddmmConfig`.
 
     Raises:
       ValueError: an unknown backend or a non-positive size.
-      Unsupported: the dtype or block shape is not supported by ``backend``.
+      Unsupported: the dtype or block shape is not supported by ``backend``, or no
+        tiling fits the target's memory.
 
     Example:
       >>> from pallas_kernels.bcsr import plan_sddmm
       >>> plan_sddmm((8, 8), 64, "float32", backend="tpu").tj
+      128
+      >>> plan_sddmm((256, 256), 64, "float32", backend="gpu").tm
       128
       >>> plan_sddmm((8, 8), 64, "bfloat16", backend="tpu")
       Traceback (most recent call last):
@@ -143,19 +187,37 @@ def plan_sddmm(block_shape: tuple[int, int], j: int, dtype, *, backend: str) -> 
             f"the TPU SDDMM kernel needs {jnp.dtype(dtype)} blocks in multiples of "
             f"{tpu_sublane(dtype)} rows, got {tuple(block_shape)}"
         )
-    return config
+    target = current_target(backend) if target is None else target
+    if target.backend != backend:
+        raise ValueError(f"target {target.name} is a {target.backend} target, not {backend}")
+    f32 = backend == "tpu" and not target.bf16_matmul and jnp.dtype(dtype).itemsize == 2
+    tm, tn = fit_tiles(
+        config.block_shape[0],
+        config.block_shape[1],
+        lambda tm, tn: dataclasses.replace(config, tm=tm, tn=tn, f32_operands=f32).onchip_bytes(
+            dtype
+        ),
+        target,
+        cap=128 if backend == "gpu" else 1024,
+        kernel="the BCSR SDDMM kernel",
+        request=f"blocks {tuple(block_shape)}, J tile {config.tj}, {jnp.dtype(dtype).name}",
+    )
+    num_warps = 8 if backend == "gpu" and tm * tn * config.tj >= 128 * 128 * 64 else 4
+    return dataclasses.replace(config, tm=tm, tn=tn, f32_operands=f32, num_warps=num_warps)
 
 
 def _gpu_kernel(rows_ref, cols_ref, u_ref, v_ref, o_ref, *, cfg: SddmmConfig, steps: int):
-    b = pl.program_id(0)
+    # Program (b, ti, tc) computes the (tm, tn) tile (ti, tc) of stored block b.
+    b, ti, tc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn = cfg.block_shape
-    tj = cfg.tj
-    r, c = rows_ref[b], cols_ref[b]
-    use_dot = min(bm, bn, tj) >= MIN_DOT
+    tm, tn, tj = cfg.tm, cfg.tn, cfg.tj
+    r0 = pl.multiple_of(rows_ref[b] * bm + ti * tm, tm)
+    c0 = pl.multiple_of(cols_ref[b] * bn + tc * tn, tn)
+    use_dot = min(tm, tn, tj) >= MIN_DOT
 
     def body(t, acc):
-        ut = u_ref[pl.ds(pl.multiple_of(r * bm, bm), bm), pl.ds(t * tj, tj)]
-        vt = v_ref[pl.ds(pl.multiple_of(c * bn, bn), bn), pl.ds(t * tj, tj)]
+        ut = u_ref[pl.ds(r0, tm), pl.ds(t * tj, tj)]
+        vt = v_ref[pl.ds(c0, tn), pl.ds(t * tj, tj)]
         if use_dot:
             prod = lax.dot_general(
                 ut, vt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
@@ -166,23 +228,26 @@ def _gpu_kernel(rows_ref, cols_ref, u_ref, v_ref, o_ref, *, cfg: SddmmConfig, st
             )
         return acc + prod
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((tm, tn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _tpu_kernel(rows_ref, cols_ref, u_ref, v_ref, o_ref, acc_ref):
+def _tpu_kernel(rows_ref, cols_ref, u_ref, v_ref, o_ref, acc_ref, *, f32: bool):
     del rows_ref, cols_ref  # consumed by the index maps
-    t = pl.program_id(1)
+    t = pl.program_id(3)
 
     @pl.when(t == 0)
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
+    u, v = u_ref[...], v_ref[...]
+    if f32:
+        u, v = u.astype(jnp.float32), v.astype(jnp.float32)
     acc_ref[...] += lax.dot_general(
-        u_ref[...], v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        u, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
 
-    @pl.when(t == pl.num_programs(1) - 1)
+    @pl.when(t == pl.num_programs(3) - 1)
     def _():
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
@@ -252,11 +317,12 @@ def bcsr_sddmm(
     out_shape = jax.ShapeDtypeStruct((nse, bm, bn), u.dtype)
     steps = j_pad // config.tj
     if config.backend == "gpu":
+        tm, tn = config.tm, config.tn
         return pl.pallas_call(
             functools.partial(_gpu_kernel, cfg=config, steps=steps),
-            grid=(nse,),
+            grid=(nse, bm // tm, bn // tn),
             in_specs=[pl.no_block_spec] * 4,
-            out_specs=pl.BlockSpec((None, bm, bn), lambda b: (b, 0, 0)),
+            out_specs=pl.BlockSpec((None, tm, tn), lambda b, i, c: (b, i, c)),
             out_shape=out_shape,
             compiler_params=pltriton.CompilerParams(
                 num_warps=config.num_warps, num_stages=config.num_stages
@@ -264,22 +330,25 @@ def bcsr_sddmm(
             interpret=interpret,
             name="bcsr_sddmm",
         )(rows, cols, up, vp)
-    tj = config.tj
+    tj, tm, tn = config.tj, config.tm, config.tn
+    per_m, per_n = bm // tm, bn // tn
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(nse, steps),
+        grid=(nse, per_m, per_n, steps),
         in_specs=[
-            pl.BlockSpec((bm, tj), lambda b, t, rows, cols: (rows[b], t)),
-            pl.BlockSpec((bn, tj), lambda b, t, rows, cols: (cols[b], t)),
+            pl.BlockSpec((tm, tj), lambda b, i, c, t, rows, cols: (rows[b] * per_m + i, t)),
+            pl.BlockSpec((tn, tj), lambda b, i, c, t, rows, cols: (cols[b] * per_n + c, t)),
         ],
-        out_specs=pl.BlockSpec((None, bm, bn), lambda b, t, rows, cols: (b, 0, 0)),
-        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        out_specs=pl.BlockSpec((None, tm, tn), lambda b, i, c, t, rows, cols: (b, i, c)),
+        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
     )
     return pl.pallas_call(
-        _tpu_kernel,
+        functools.partial(_tpu_kernel, f32=config.f32_operands),
         grid_spec=grid_spec,
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
         interpret=interpret,
         name="bcsr_sddmm_tpu",
     )(rows, cols, up, vp)

@@ -55,6 +55,7 @@ from pallas_kernels.common import (
     round_up,
     tpu_sublane,
 )
+from pallas_kernels.targets import Target, current_target, fit_tiles
 
 __all__ = [
     "SpmmConfig",
@@ -79,6 +80,12 @@ class SpmmConfig:
       backend: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic).
       transpose: compute ``A.T @ X``.
       num_warps, num_stages: Triton launch parameters (GPU only).
+      tm: output rows per program, dividing the output block (``bm``, or ``bn``
+        when transposed); ``None``: the whole block.
+      tk: rows of ``X`` per step inside a block, dividing the input block;
+        ``None``: the whole block. Large blocks are tiled ``tm x tk`` so that what
+        a program holds on chip fits the target (:func:`plan_spmm` picks them).
+      f32_operands: multiply in float32 (TPU v2/v3: Mosaic has no bfloat16 matmul).
 
     Raises (at construction):
       ValueError: a non-positive size or an unknown backend.
@@ -86,8 +93,9 @@ class SpmmConfig:
 
     Example:
       >>> from pallas_kernels.bcsr import SpmmConfig
-      >>> SpmmConfig((16, 32), 64, transpose=True).out_block
-      32
+      >>> cfg = SpmmConfig((16, 32), 64, transpose=True)
+      >>> cfg.out_block, cfg.tm, cfg.tk
+      (32, 32, 16)
       >>> SpmmConfig((16, 24), 64)
       Traceback (most recent call last):
       ...
@@ -100,6 +108,9 @@ class SpmmConfig:
     transpose: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    tm: int | None = None
+    tk: int | None = None
+    f32_operands: bool = False
 
     def __post_init__(self):
         bm, bn = self.block_shape
@@ -108,6 +119,14 @@ class SpmmConfig:
             raise ValueError(
                 f"block_shape and tn must be positive, got {self.block_shape}, {self.tn}"
             )
+        out_b, in_b = (bn, bm) if self.transpose else (bm, bn)
+        if self.tm is None:
+            object.__setattr__(self, "tm", out_b)
+        if self.tk is None:
+            object.__setattr__(self, "tk", in_b)
+        for name, t, b in (("tm", self.tm, out_b), ("tk", self.tk, in_b)):
+            if t <= 0 or b % t:
+                raise ValueError(f"{name}={t} must divide the block side {b}")
         if self.backend == "gpu":
             # Triton tiles are powers of two in every dimension.
             for name, v in (("bm", bm), ("bn", bn), ("tn", self.tn)):
@@ -124,10 +143,19 @@ class SpmmConfig:
                 raise Unsupported(
                     f"the TPU BCSR kernel needs tn a multiple of 8 (128 is best), got {self.tn}"
                 )
+            # Mosaic blocks: the last dim a multiple of 128 (or whole), the one
+            # before a multiple of 8 (or whole).
+            lane, sub = (self.tm, self.tk) if self.transpose else (self.tk, self.tm)
+            lane_b, sub_b = (out_b, in_b) if self.transpose else (in_b, out_b)
+            if (lane != lane_b and lane % 128) or (sub != sub_b and sub % 8):
+                raise Unsupported(
+                    f"the TPU BCSR kernel tiles blocks in multiples of (8, 128); got tiles "
+                    f"tm={self.tm}, tk={self.tk} of block {self.block_shape}"
+                )
 
     @property
     def out_block(self) -> int:
-        """Rows of one output tile (``bn`` when transposed)."""
+        """Rows of one output block (``bn`` when transposed)."""
         return self.block_shape[1] if self.transpose else self.block_shape[0]
 
     @property
@@ -137,6 +165,20 @@ class SpmmConfig:
 
     def padded_n(self, n: int) -> int:
         return round_up(max(n, 1), self.tn)
+
+    def onchip_bytes(self, dtype) -> int:
+        """Estimated on-chip bytes of one program: shared memory (GPU: the dot
+        operands of each pipeline stage) or scoped VMEM (TPU: double-buffered input
+        and output blocks, the float32 accumulator, casts)."""
+        isz = jnp.dtype(dtype).itemsize
+        tm, tk, tn = self.tm, self.tk, self.tn
+        if self.backend == "gpu":
+            return max(self.num_stages, 1) * (tm * tk + tk * tn) * isz
+        cast = 4 * (tm * tk + tk * tn) if self.f32_operands else 0
+        # double-buffered blocks, the output tile, the accumulator and the dot's
+        # float32 result (measured: Mosaic also materialises the loaded block)
+        blocks = 2 * (tm * tk + tk * tn) * isz + 2 * tm * tn * isz
+        return blocks + tm * tk * isz + 3 * 4 * tm * tn + cast
 
     @classmethod
     def for_shapes(
@@ -148,7 +190,8 @@ class SpmmConfig:
         backend: str = "gpu",
         transpose: bool = False,
     ) -> SpmmConfig:
-        """Defaults picked from the shapes: ``N`` tiles of up to 128 columns.
+        """Defaults picked from the shapes (whole blocks; :func:`plan_spmm` then
+        tiles them for the target): ``N`` tiles of up to 128 columns.
 
         GPU: ``tn`` is the next power of two of ``N`` (at least 16 so skinny ``N``
         still uses the tensor-core dot), at most 128. TPU: ``tn = N`` rounded up to
@@ -174,12 +217,20 @@ class SpmmConfig:
 
 
 def plan_spmm(
-    block_shape: tuple[int, int], n: int, dtype, *, backend: str, transpose: bool = False
+    block_shape: tuple[int, int],
+    n: int,
+    dtype,
+    *,
+    backend: str,
+    transpose: bool = False,
+    target: Target | None = None,
 ) -> SpmmConfig:
-    """The default config for these shapes, after every support check.
+    """The config for these shapes on ``target``, after every support check.
 
     Callers (the jsparse registry) use it to learn *before tracing anything*
-    whether the kernel handles a configuration.
+    whether the kernel handles a configuration. Blocks are tiled inside the kernel
+    (``tm x tk``) until the estimate of on-chip memory fits the target: Triton's
+    shared memory per block on GPUs, the scoped VMEM limit on TPUs.
 
     Args:
       block_shape: ``(bm, bn)`` of the stored blocks.
@@ -187,18 +238,25 @@ def plan_spmm(
       dtype: the compute dtype.
       backend: ``"gpu"`` or ``"tpu"``.
       transpose: plan ``A.T @ X``.
+      target: the chip; default :func:`~pallas_kernels.targets.current_target`.
 
     Returns:
-      The default :class:`SpmmConfig`.
+      The :class:`SpmmConfig`.
 
     Raises:
       ValueError: an unknown backend or a non-positive size.
-      Unsupported: the dtype or block shape is not supported by ``backend``.
+      Unsupported: the dtype or block shape is not supported by ``backend``, or no
+        tiling of the block fits the target's memory (the message names both).
 
     Example:
       >>> from pallas_kernels.bcsr import plan_spmm
+      >>> from pallas_kernels.targets import target_for_kind
       >>> plan_spmm((32, 32), 8, "bfloat16", backend="tpu").tn
       16
+      >>> cfg = plan_spmm((256, 256), 512, "float32", backend="gpu",
+      ...                 target=target_for_kind("NVIDIA H100 80GB HBM3"))
+      >>> cfg.tm, cfg.tk, cfg.onchip_bytes("float32") <= 232448
+      (128, 64, True)
       >>> plan_spmm((32, 32), 8, "float64", backend="gpu")
       Traceback (most recent call last):
       ...
@@ -212,7 +270,25 @@ def plan_spmm(
             f"the TPU BCSR kernel needs {jnp.dtype(dtype)} blocks in multiples of "
             f"{tpu_sublane(dtype)} rows, got {tuple(block_shape)}"
         )
-    return config
+    target = current_target(backend) if target is None else target
+    if target.backend != backend:
+        raise ValueError(f"target {target.name} is a {target.backend} target, not {backend}")
+    f32 = backend == "tpu" and not target.bf16_matmul and jnp.dtype(dtype).itemsize == 2
+    tm, tk = fit_tiles(
+        config.out_block,
+        config.in_block,
+        lambda tm, tk: dataclasses.replace(config, tm=tm, tk=tk, f32_operands=f32).onchip_bytes(
+            dtype
+        ),
+        target,
+        cap=128 if backend == "gpu" else 1024,
+        kernel="the BCSR SpMM kernel",
+        request=f"blocks {tuple(block_shape)}, N tile {config.tn}, {jnp.dtype(dtype).name}",
+    )
+    num_warps = 8 if tm * tk * config.tn >= 128 * 128 * 64 else 4
+    if backend == "tpu":
+        num_warps = config.num_warps
+    return dataclasses.replace(config, tm=tm, tk=tk, f32_operands=f32, num_warps=num_warps)
 
 
 # ------------------------------------------------------------------ metadata
@@ -297,8 +373,10 @@ def _tpu_schedule(ptr: jax.Array, nrows: int, nse: int):
 
 
 # ------------------------------------------------------------------ kernels
-def _block_product(a, xt, *, transpose: bool, use_dot: bool):
+def _block_product(a, xt, *, transpose: bool, use_dot: bool, f32: bool = False):
     """``a @ xt`` (``a.T @ xt`` when transposed) in float32."""
+    if f32:
+        a, xt = a.astype(jnp.float32), xt.astype(jnp.float32)
     if use_dot:
         dims = (((0,), (0,)), ((), ())) if transpose else (((1,), (0,)), ((), ()))
         return lax.dot_general(a, xt, dims, preferred_element_type=jnp.float32)
@@ -313,19 +391,34 @@ def _gpu_kernel(*refs, cfg: SpmmConfig, has_perm: bool):
         ptr_ref, perm_ref, src_ref, data_ref, x_ref, o_ref = refs
     else:
         (ptr_ref, src_ref, data_ref, x_ref, o_ref), perm_ref = refs, None
+    # Program i computes rows [sub * tm, (sub + 1) * tm) of output block-row `row`.
     i, j = pl.program_id(0), pl.program_id(1)
-    b_in, tn = cfg.in_block, cfg.tn
-    use_dot = min(cfg.block_shape + (tn,)) >= MIN_DOT
+    per_row = cfg.out_block // cfg.tm
+    row, sub = i // per_row, i % per_row
+    b_in, tn, tm, tk = cfg.in_block, cfg.tn, cfg.tm, cfg.tk
+    ksteps = b_in // tk
+    use_dot = min(tm, tk, tn) >= MIN_DOT
+    r0 = pl.multiple_of(sub * tm, tm)
 
     def body(p, acc):
         blk = p if perm_ref is None else perm_ref[p]
-        src = src_ref[p]
-        a = data_ref[blk]
-        xt = x_ref[pl.ds(pl.multiple_of(src * b_in, b_in), b_in), pl.ds(j * tn, tn)]
-        return acc + _block_product(a, xt, transpose=cfg.transpose, use_dot=use_dot)
+        x0 = src_ref[p] * b_in
 
-    acc = jnp.zeros((cfg.out_block, tn), jnp.float32)
-    acc = lax.fori_loop(ptr_ref[i], ptr_ref[i + 1], body, acc)
+        def step(kk, acc):
+            k0 = 0 if ksteps == 1 else pl.multiple_of(kk * tk, tk)
+            if cfg.transpose:  # the block is (in, out): rows k0.., columns r0..
+                a = data_ref[blk, pl.ds(k0, tk), pl.ds(r0, tm)]
+            else:
+                a = data_ref[blk, pl.ds(r0, tm), pl.ds(k0, tk)]
+            xt = x_ref[pl.ds(pl.multiple_of(x0 + k0, tk), tk), pl.ds(j * tn, tn)]
+            return acc + _block_product(a, xt, transpose=cfg.transpose, use_dot=use_dot)
+
+        if ksteps == 1:
+            return step(0, acc)
+        return lax.fori_loop(0, ksteps, step, acc)
+
+    acc = jnp.zeros((tm, tn), jnp.float32)
+    acc = lax.fori_loop(ptr_ref[row], ptr_ref[row + 1], body, acc)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -334,9 +427,9 @@ def _tpu_kernel(
     *, cfg: SpmmConfig,
 ):  # fmt: skip
     del row_ref, blk_ref, src_ref  # consumed by the index maps
-    s = pl.program_id(1)
+    s, kk = pl.program_id(2), pl.program_id(3)
 
-    @pl.when(first_ref[s] == 1)
+    @pl.when(jnp.logical_and(first_ref[s] == 1, kk == 0))
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
@@ -345,7 +438,10 @@ def _tpu_kernel(
         a = data_ref[0]
         if cfg.transpose:
             a = a.T
-        acc_ref[...] += jnp.dot(a, x_ref[...], preferred_element_type=jnp.float32)
+        x = x_ref[...]
+        if cfg.f32_operands:
+            a, x = a.astype(jnp.float32), x.astype(jnp.float32)
+        acc_ref[...] += jnp.dot(a, x, preferred_element_type=jnp.float32)
 
     # The output tile of a row is written back when the grid moves to another row;
     # storing on every step keeps it correct whichever step is the row's last.
@@ -463,9 +559,9 @@ def bcsr_spmm(
         index_arrays = (ptr, src) if perm is None else (ptr, perm, src)
         y = pl.pallas_call(
             functools.partial(_gpu_kernel, cfg=config, has_perm=perm is not None),
-            grid=(out_rows_blocks, grid_n),
+            grid=(out_rows // config.tm, grid_n),
             in_specs=[pl.no_block_spec] * (len(index_arrays) + 2),
-            out_specs=pl.BlockSpec((config.out_block, config.tn), lambda i, j: (i, j)),
+            out_specs=pl.BlockSpec((config.tm, config.tn), lambda i, j: (i, j)),
             out_shape=out_shape,
             compiler_params=pltriton.CompilerParams(
                 num_warps=config.num_warps, num_stages=config.num_stages
@@ -483,34 +579,42 @@ def _tpu_call(cfg, ptr, perm, src, data, xp, out_shape, nrows, interpret):
     row, pos, valid, first = _tpu_schedule(ptr, nrows, nse)
     blk = pos if perm is None else perm[pos]
     src = src[pos]
-    _, bm, bn = data.shape
-    b_in, b_out, tn = cfg.in_block, cfg.out_block, cfg.tn
+    tm, tk, tn = cfg.tm, cfg.tk, cfg.tn
+    per_row, ksteps = cfg.out_block // tm, cfg.in_block // tk
 
-    # Index maps receive the grid indices, then the scalar-prefetch refs.
-    def data_map(j, s, row, blk, src, valid, first):
-        return blk[s], 0, 0
+    # Grid (N tile j, output sub-row t, schedule step s, contraction sub-tile kk);
+    # index maps receive the grid indices, then the scalar-prefetch refs.
+    if cfg.transpose:  # the stored block is (in, out)
+        data_block = (1, tk, tm)
 
-    def x_map(j, s, row, blk, src, valid, first):
-        return src[s], j
+        def data_map(j, t, s, kk, row, blk, src, valid, first):
+            return blk[s], kk, t
+    else:
+        data_block = (1, tm, tk)
 
-    def out_map(j, s, row, blk, src, valid, first):
-        return row[s], j
+        def data_map(j, t, s, kk, row, blk, src, valid, first):
+            return blk[s], t, kk
+
+    def x_map(j, t, s, kk, row, blk, src, valid, first):
+        return src[s] * ksteps + kk, j
+
+    def out_map(j, t, s, kk, row, blk, src, valid, first):
+        return row[s] * per_row + t, j
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
-        grid=(xp.shape[1] // tn, row.shape[0]),
-        in_specs=[
-            pl.BlockSpec((1, bm, bn), data_map),
-            pl.BlockSpec((b_in, tn), x_map),
-        ],
-        out_specs=pl.BlockSpec((b_out, tn), out_map),
-        scratch_shapes=[pltpu.VMEM((b_out, tn), jnp.float32)],
+        grid=(xp.shape[1] // tn, per_row, row.shape[0], ksteps),
+        in_specs=[pl.BlockSpec(data_block, data_map), pl.BlockSpec((tk, tn), x_map)],
+        out_specs=pl.BlockSpec((tm, tn), out_map),
+        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
     )
     return pl.pallas_call(
         functools.partial(_tpu_kernel, cfg=cfg),
         grid_spec=grid_spec,
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
+        ),
         interpret=interpret,
         name="bcsr_spmm_t_tpu" if cfg.transpose else "bcsr_spmm_tpu",
     )(row, blk, src, valid, first, data, xp)

@@ -17,8 +17,8 @@ Monarch ``(right^T blocks, left^T blocks)`` (same kernel).
 Triton tiles are powers of two: the wrapper zero-pads ``s``, ``p`` and ``g`` up to
 powers of two when needed (a copy of the small factors). Dots need every side
 ``>= 16``; smaller Monarch blocks multiply with a broadcast and a reduction.
-There is no TPU variant (the planner raises
-:class:`~pallas_kernels.common.Unsupported`). Accumulation is float32, the
+With ``backend="tpu"``, :func:`monarch_matmul` and :func:`plan_monarch` hand over to
+the Mosaic kernel of :mod:`pallas_kernels.monarch.tpu`. Accumulation is float32, the
 output has ``x``'s dtype.
 """
 
@@ -42,6 +42,8 @@ from pallas_kernels.common import (
     next_pow2,
     round_up,
 )
+from pallas_kernels.monarch.tpu import MonarchTpuConfig, monarch_matmul_tpu, plan_monarch_tpu
+from pallas_kernels.targets import current_target
 
 __all__ = ["MonarchConfig", "monarch_matmul", "monarch_matmul_reference", "plan_monarch"]
 
@@ -58,10 +60,12 @@ class MonarchConfig:
       s, p, g: padded output-block rows, input-block rows and block rank.
       tp: input-block rows per step (divides ``p``).
       tn: columns of ``x`` per program.
+      ts: output-block rows per program (divides ``s``; ``None``: all ``s``):
+        :func:`plan_monarch` tiles tall blocks to fit the target's shared memory.
 
     Raises (at construction):
       ValueError: a non-positive tile, or ``tp`` not dividing ``p``.
-      Unsupported: tiles Triton cannot use (not powers of two) or ``s > 256``.
+      Unsupported: tiles Triton cannot use (not powers of two) or ``ts > 256``.
 
     Example:
       >>> from pallas_kernels.monarch import MonarchConfig
@@ -80,9 +84,12 @@ class MonarchConfig:
     tn: int
     num_warps: int = 4
     num_stages: int = 2
+    ts: int | None = None
 
     def __post_init__(self):
-        for name in ("s", "p", "g", "tp", "tn"):
+        if self.ts is None:
+            object.__setattr__(self, "ts", self.s)
+        for name in ("s", "p", "g", "tp", "tn", "ts"):
             v = getattr(self, name)
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -90,18 +97,29 @@ class MonarchConfig:
                 raise Unsupported(f"the Triton Monarch kernel needs powers of two; {name}={v}")
         if self.p % self.tp:
             raise ValueError(f"tp={self.tp} must divide p={self.p}")
-        if self.s > _MAX_BLOCK_ROWS:
+        if self.s % self.ts:
+            raise ValueError(f"ts={self.ts} must divide s={self.s}")
+        if self.ts > _MAX_BLOCK_ROWS:
             raise Unsupported(
-                f"the Monarch kernel holds a whole output block per program; s={self.s} > "
-                f"{_MAX_BLOCK_ROWS}"
+                f"the Monarch kernel holds a whole output block per program unless tiled; "
+                f"ts={self.ts} > {_MAX_BLOCK_ROWS}"
             )
+
+    def onchip_bytes(self, dtype) -> int:
+        """Estimated shared memory of one program: the dot operands of each pipeline
+        stage (``right`` and ``x`` tiles) plus the ``left`` slice and the middle product."""
+        isz = jnp.dtype(dtype).itemsize
+        staged = max(self.num_stages, 1) * (self.g * self.tp + self.tp * self.tn)
+        return (staged + self.ts * self.g + self.g * self.tn) * isz
 
     @property
     def use_dot(self) -> bool:
-        return min(self.s, self.g, self.tp, self.tn) >= MIN_DOT
+        return min(self.ts, self.g, self.tp, self.tn) >= MIN_DOT
 
 
-def plan_monarch(left_shape, right_shape, width: int, dtype, *, backend: str = "gpu"):
+def plan_monarch(
+    left_shape, right_shape, width: int, dtype, *, backend: str = "gpu", target=None
+) -> MonarchConfig | MonarchTpuConfig:
     """Default tiles for factors of these shapes and ``width`` dense columns.
 
     Args:
@@ -109,14 +127,19 @@ def plan_monarch(left_shape, right_shape, width: int, dtype, *, backend: str = "
       right_shape: ``(nb, q, p)``.
       width: columns of the dense operand.
       dtype: the compute dtype.
-      backend: ``"gpu"`` (the only variant).
+      backend: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic: :func:`plan_monarch_tpu`).
+      target: the GPU (:class:`~pallas_kernels.targets.Target`) whose shared memory
+        the tiles must fit; default :func:`~pallas_kernels.targets.current_target`.
 
     Returns:
-      The default :class:`MonarchConfig` (sizes padded to powers of two).
+      The default :class:`MonarchConfig` (sizes padded to powers of two; output
+      blocks taller than 128 rows tiled), or a
+      :class:`MonarchTpuConfig` for ``"tpu"``.
 
     Raises:
       ValueError: an unknown backend.
-      Unsupported: TPU backend, unsupported dtype, or blocks too tall.
+      Unsupported: unsupported dtype, or blocks too tall (GPU) or too large for VMEM
+        (TPU).
 
     Example:
       >>> from pallas_kernels.monarch import plan_monarch
@@ -125,14 +148,38 @@ def plan_monarch(left_shape, right_shape, width: int, dtype, *, backend: str = "
       (16, 32, 2, 16)
     """
     check_backend(backend)
-    if backend != "gpu":
-        raise Unsupported(f"the Monarch Pallas kernel has only a 'gpu' variant; got {backend!r}")
+    if backend == "tpu":
+        return plan_monarch_tpu(left_shape, right_shape, width, dtype, target=target)
     check_dtype(dtype, kernel=_KERNELS)
     nb, s, q = left_shape
     p = right_shape[2]
     s_p, p_p, g_p = next_pow2(s), next_pow2(p), next_pow2(q // nb)
     tn = min(64, max(MIN_DOT, next_pow2(width)))
-    return MonarchConfig(s_p, p_p, g_p, tp=min(p_p, 64), tn=tn)
+    target = current_target("gpu") if target is None else target
+    # The tallest row tile first (each row tile recomputes the middle product), then
+    # the longest steps over the input block.
+    tiles = [(ts, tp, t) for ts in _halvings(min(s_p, _MAX_BLOCK_ROWS))
+             for tp in _halvings(min(p_p, 64)) for t in _halvings(tn)]  # fmt: skip
+    for ts, tp, t in tiles:
+        warps = 8 if (ts + g_p) * t >= 128 * 64 else 4
+        cfg = MonarchConfig(s_p, p_p, g_p, tp=tp, tn=t, ts=ts, num_warps=warps)
+        if cfg.onchip_bytes(dtype) <= target.smem_bytes:
+            break
+    else:
+        raise Unsupported(
+            f"the Triton Monarch kernel cannot fit blocks of rank {g_p} (tiles {cfg.ts}x{g_p}, "
+            f"{cfg.tp}x{cfg.tn}) in the shared memory of {target.name} ({target.smem_bytes} "
+            f"bytes): it needs {cfg.onchip_bytes(dtype)}"
+        )
+    return cfg
+
+
+def _halvings(v: int) -> list[int]:
+    """``v, v/2, ...`` down to 16 (or ``v`` itself when smaller)."""
+    out = [v]
+    while out[-1] > 16:
+        out.append(out[-1] // 2)
+    return out
 
 
 def _mm(a, b, use_dot: bool):
@@ -142,7 +189,9 @@ def _mm(a, b, use_dot: bool):
 
 
 def _kernel(left_ref, right_ref, x_ref, o_ref, *, cfg: MonarchConfig, nb: int):
-    lb, j = pl.program_id(0), pl.program_id(1)  # output block, N tile
+    i, j = pl.program_id(0), pl.program_id(1)  # (output block, row tile), N tile
+    per = cfg.s // cfg.ts
+    lb, rows = i // per, pl.ds(pl.multiple_of((i % per) * cfg.ts, cfg.ts), cfg.ts)
     g, tp, tn = cfg.g, cfg.tp, cfg.tn
     cols = pl.ds(j * tn, tn)
 
@@ -153,10 +202,10 @@ def _kernel(left_ref, right_ref, x_ref, o_ref, *, cfg: MonarchConfig, nb: int):
             return mid + _mm(r, xk, cfg.use_dot)
 
         mid = lax.fori_loop(0, cfg.p // tp, step, jnp.zeros((g, tn), jnp.float32))
-        lk = left_ref[lb, :, pl.ds(k * g, g)]  # (s, g)
+        lk = left_ref[lb, rows, pl.ds(k * g, g)]  # (ts, g)
         return acc + _mm(lk, mid.astype(lk.dtype), cfg.use_dot)
 
-    acc = lax.fori_loop(0, nb, block, jnp.zeros((cfg.s, tn), jnp.float32))
+    acc = lax.fori_loop(0, nb, block, jnp.zeros((cfg.ts, tn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -182,7 +231,7 @@ def monarch_matmul(left, right, x, *, backend="gpu", config=None, interpret=Fals
       left: ``(nb, s, q)`` the second factor's blocks.
       right: ``(nb, q, p)`` the first factor's blocks (``q = nb * g``).
       x: dense ``(nb * p, N)``.
-      backend: ``"gpu"``.
+      backend: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic, :func:`monarch_matmul_tpu`).
       config: tiles; default :func:`plan_monarch`.
       interpret: run the kernel in the Pallas interpreter (any platform).
 
@@ -191,7 +240,7 @@ def monarch_matmul(left, right, x, *, backend="gpu", config=None, interpret=Fals
 
     Raises:
       ValueError: inconsistent shapes.
-      Unsupported: TPU backend, dtype, or blocks taller than 256 rows.
+      Unsupported: a dtype, or blocks the backend's kernel cannot hold.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -203,6 +252,9 @@ def monarch_matmul(left, right, x, *, backend="gpu", config=None, interpret=Fals
       >>> y.shape, bool(jnp.allclose(y, monarch_matmul_reference(left, right, x), atol=1e-5))
       ((8, 5), True)
     """
+    check_backend(backend)
+    if backend == "tpu":
+        return monarch_matmul_tpu(left, right, x, config=config, interpret=interpret)
     nb, s, q = left.shape
     if right.ndim != 3 or right.shape[:2] != (nb, q) or q % nb:
         raise ValueError(f"Monarch factors do not match: left {left.shape}, right {right.shape}")
@@ -218,9 +270,9 @@ def monarch_matmul(left, right, x, *, backend="gpu", config=None, interpret=Fals
     xp = jnp.pad(xp, ((0, 0), (0, cfg.p - p), (0, width - n))).reshape(nb * cfg.p, width)
     y = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, nb=nb),
-        grid=(nb, width // cfg.tn),
+        grid=(nb * (cfg.s // cfg.ts), width // cfg.tn),
         in_specs=[pl.no_block_spec] * 3,
-        out_specs=pl.BlockSpec((cfg.s, cfg.tn), lambda lb, j: (lb, j)),
+        out_specs=pl.BlockSpec((cfg.ts, cfg.tn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((nb * cfg.s, width), x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,

@@ -16,9 +16,10 @@ per tile, slot ``k`` of every group is the strided slice ``values[:, k::n]``
 * :func:`nm_sampled`     ``(U @ V.T)`` at the kept entries (the ``dA`` of the
   product): ``D_q = U @ V[q::m].T``, slot ``k`` = ``sum_q where(p_k == q, D_q, 0)``.
 
-Only the GPU (Triton) kernels exist; the TPU has no strided lane access, so the
-planner raises :class:`~pallas_kernels.common.Unsupported` for ``backend="tpu"``. Accumulation is
-float32, outputs have the dense operand's dtype. Arrays in, arrays out.
+These are the GPU (Triton) kernels. The TPU has no strided lane access: with
+``backend="tpu"`` the entry points and :func:`plan_nm` hand over to the Mosaic kernels
+of :mod:`pallas_kernels.nm.tpu`, which expand tiles by one-hot matmuls instead.
+Accumulation is float32, outputs have the dense operand's dtype. Arrays in, arrays out.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pallas_kernels.common import (
     next_pow2,
     round_up,
 )
+from pallas_kernels.nm.tpu import NMTpuConfig, nm_sampled_tpu, nm_spmm_tpu, plan_nm_tpu
 
 __all__ = [
     "NMConfig",
@@ -115,7 +117,7 @@ class NMConfig:
 
 def plan_nm(
     shape: tuple[int, int], n: int, m: int, width: int, dtype, *, backend: str = "gpu"
-) -> NMConfig:
+) -> NMConfig | NMTpuConfig:
     """The default tiles for ``A`` of dense ``shape`` (grouped along axis 1) and a
     dense operand ``width`` columns wide, after every support check.
 
@@ -127,28 +129,26 @@ def plan_nm(
       n, m: the sparsity.
       width: columns of the dense operand.
       dtype: the compute dtype.
-      backend: ``"gpu"`` (the only variant).
+      backend: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic: :func:`plan_nm_tpu`).
 
     Returns:
-      The default :class:`NMConfig`.
+      The default :class:`NMConfig` (an :class:`NMTpuConfig` for ``"tpu"``).
 
     Raises:
       ValueError: an unknown backend, ``not 1 <= n < m``.
-      Unsupported: the TPU backend (no strided lane access) or an unsupported dtype.
+      Unsupported: a dtype or shape the backend's kernels cannot handle.
 
     Example:
       >>> from pallas_kernels.nm import plan_nm
       >>> cfg = plan_nm((64, 256), 2, 4, 8, "float32")
       >>> cfg.tm, cfg.groups, cfg.tn
       (64, 32, 16)
-      >>> plan_nm((64, 256), 2, 4, 8, "float32", backend="tpu")
-      Traceback (most recent call last):
-      ...
-      pallas_kernels.common.Unsupported: the N:M Pallas kernels have only a 'gpu' variant; ...
+      >>> type(plan_nm((64, 256), 2, 4, 8, "float32", backend="tpu")).__name__
+      'NMTpuConfig'
     """
     check_backend(backend)
-    if backend != "gpu":
-        raise Unsupported(f"the N:M Pallas kernels have only a 'gpu' variant; got {backend!r}")
+    if backend == "tpu":
+        return plan_nm_tpu(shape, n, m, width, dtype)
     check_dtype(dtype, kernel=_KERNELS)
     rows, cols = shape
     tm = 64 if rows % 64 == 0 else (32 if rows % 32 == 0 else 16)
@@ -263,6 +263,12 @@ def _check(values, positions, n, m):
 def _spmm_call(values, positions, x, *, n, m, transpose, backend, config, interpret):
     """``A @ x`` or ``A.T @ x``: one program per output tile, looping over the
     contraction in steps of a tile (rows of ``A`` when transposed, columns otherwise)."""
+    check_backend(backend)
+    if backend == "tpu":
+        return nm_spmm_tpu(
+            values, positions, x, n=n, m=m, transpose=transpose, config=config,
+            interpret=interpret,
+        )  # fmt: skip
     name = "nm_spmm_t" if transpose else "nm_spmm"
     rows, cols = _check(values, positions, n, m)
     k_in, k_out = (rows, cols) if transpose else (cols, rows)
@@ -298,7 +304,7 @@ def nm_spmm(values, positions, x, *, n: int, m: int, backend="gpu", config=None,
         each kept entry in its group (unpacked).
       x: dense ``(C, N)``.
       n, m: the sparsity.
-      backend: ``"gpu"``.
+      backend: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic, :func:`nm_spmm_tpu`).
       config: tiles; default :func:`plan_nm`.
       interpret: run the kernel in the Pallas interpreter (any platform).
 
@@ -307,7 +313,7 @@ def nm_spmm(values, positions, x, *, n: int, m: int, backend="gpu", config=None,
 
     Raises:
       ValueError: inconsistent shapes.
-      Unsupported: TPU backend, dtype or shape the tiles do not handle.
+      Unsupported: a dtype or shape the backend's tiles do not handle.
 
     Example:
       Every row keeps positions 1 and 3 of each group of 4:
@@ -379,6 +385,9 @@ def nm_sampled(u, v, positions, *, n: int, m: int, backend="gpu", config=None, i
       >>> out.shape, float(out[0, 0])
       ((16, 32), 8.0)
     """
+    check_backend(backend)
+    if backend == "tpu":
+        return nm_sampled_tpu(u, v, positions, n=n, m=m, config=config, interpret=interpret)
     rows, cols = _check(positions, positions, n, m)
     if u.shape[0] != rows or v.shape[0] != cols or u.shape[1] != v.shape[1]:
         raise ValueError(f"nm_sampled: u {u.shape}, v {v.shape} do not match A {(rows, cols)}")

@@ -3,8 +3,10 @@
 The forward and ``dX = M.T @ dY`` run the fused kernel (``pallas_kernels/monarch``);
 the factor gradients are einsums over the middle activations. The product is a
 primitive with JVP, transpose and batching rules, so forward mode works too.
-Registered per platform: the Triton kernel on ``cuda``, the interpreter elsewhere
-(testable on CPU).
+Registered per platform: the Triton kernel on ``cuda``, the Mosaic kernel (batched
+block matmuls on the MXU, the shuffle in its index maps) on ``tpu``, the GPU-style
+kernel in the interpreter elsewhere (testable on CPU; :func:`product` runs either
+backend's kernel in the interpreter).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import PartitionSpec as P
 
+from jsparse.core import meshes
 from jsparse.core.checks import symbolic_width_reason
 from jsparse.core.registry import on_platform, register_impl
 from jsparse.formats.monarch import xla
@@ -24,21 +28,25 @@ from jsparse.formats.monarch.matrix import Monarch
 from pallas_kernels.common import Unsupported
 from pallas_kernels.monarch import monarch_matmul, plan_monarch
 
-__all__: list[str] = []
+__all__ = ["product"]
 
 
 @functools.cache
 def _kernel(mode):
-    """The kernel: ``mode`` is ``True`` (the interpreter) or the platform the compiled
-    kernel is for (marked ``on_platform``, so a multi-platform export does not lower
-    it for the others)."""
-    if mode is True:
-        return functools.partial(monarch_matmul, interpret=True)
+    """The kernel: ``mode`` is ``("interpret", backend)`` (that backend's kernel in the
+    interpreter) or the platform the compiled kernel is for (marked ``on_platform``,
+    so a multi-platform export does not lower it for the others)."""
+    if isinstance(mode, tuple):
+        return functools.partial(monarch_matmul, backend=mode[1], interpret=True)
+    backend = "tpu" if mode == "tpu" else "gpu"
     # Triton kernels have no export compatibility guarantee (JAX refuses to serialize
-    # them): an export for CUDA runs the XLA product instead.
+    # them): an export for CUDA runs the XLA product instead (Mosaic kernels export).
     fallback = xla.matmul if mode == "cuda" else None
     return on_platform(
-        mode, functools.partial(monarch_matmul, interpret=False), export_fallback=fallback
+        mode,
+        functools.partial(monarch_matmul, backend=backend, interpret=False),
+        export_fallback=fallback,
+        shapes_like=xla.matmul,
     )
 
 
@@ -47,12 +55,41 @@ def _kernel(mode):
 # primitive rather than a custom_vjp): a JVP of three kernel products, transposes
 # (dx: the kernel on M.T; dleft, dright: einsums over the middle activations), a
 # batching rule (x alone: folded into columns; otherwise lax.map) and the kernel as
-# the lowering. ``mode`` (``True`` or a platform) is a static parameter.
+# the lowering. ``mode`` (``("interpret", backend)`` or a platform) is a static parameter.
 _monarch_p = Primitive("jsparse_monarch_matmul")
 
 
 def _monarch_mm(mode, left, right, x):
-    return _monarch_p.bind(left, right, x, mode=mode)
+    # Sharded operands: see jsparse.core.meshes (the result keeps x's column sharding).
+    args = meshes.vary_alike((left, right, x))
+    out_spec = P(None, meshes.spec_of(x)[1])
+    return meshes.on_auto_axes(lambda *a: _monarch_p.bind(*a, mode=mode), args, out_spec)
+
+
+def product(left, right, x, *, backend: str = "gpu", interpret: bool = True) -> jax.Array:
+    """``M @ x`` for the factors ``left (nb, s, q)``, ``right (nb, q, p)`` through the
+    Pallas kernel primitive (differentiable in all three, ``vmap``-able): the
+    ``backend``'s kernel (``"gpu"`` or ``"tpu"``) in the interpreter, or compiled for
+    the platform of that backend with ``interpret=False``.
+
+    Example:
+      The TPU kernel in the interpreter, and its gradient:
+
+      >>> import jax, jax.numpy as jnp, jsparse
+      >>> from jsparse.formats.monarch.pallas import product
+      >>> a = jsparse.Monarch.init(jax.random.key(0), (8, 8), nblocks=2)
+      >>> x = jnp.ones((8, 3))
+      >>> y = product(a.left, a.right, x, backend="tpu")
+      >>> bool(jnp.allclose(y, a.todense() @ x, atol=1e-5))
+      True
+      >>> gx = jax.grad(lambda x: product(a.left, a.right, x, backend="tpu").sum())(x)
+      >>> bool(jnp.allclose(gx, a.todense().T @ jnp.ones((8, 3)), atol=1e-5))
+      True
+    """
+    if backend not in ("gpu", "tpu"):
+        raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
+    mode = ("interpret", backend) if interpret else ("cuda" if backend == "gpu" else "tpu")
+    return _monarch_mm(mode, left, right, x)
 
 
 def _mm_impl(left, right, x, *, mode):
@@ -61,7 +98,8 @@ def _mm_impl(left, right, x, *, mode):
 
 def _mm_abstract(left, right, x, *, mode):
     del mode
-    return jax.core.ShapedArray((left.shape[0] * left.shape[1], x.shape[1]), x.dtype)
+    shape = (left.shape[0] * left.shape[1], x.shape[1])
+    return meshes.varying_result(shape, x.dtype, (left, right, x))
 
 
 def _mm_jvp(primals, tangents, *, mode):
@@ -132,7 +170,7 @@ def _mm_batch(args, dims, *, mode):
 
 _monarch_p.def_impl(_mm_impl)
 _monarch_p.def_abstract_eval(_mm_abstract)
-mlir.register_lowering(_monarch_p, mlir.lower_fun(_mm_impl, multiple_results=False))
+mlir.register_lowering(_monarch_p, meshes.invariant_lowering(_mm_impl))
 ad.primitive_jvps[_monarch_p] = _mm_jvp
 ad.primitive_transposes[_monarch_p] = _mm_transpose
 batching.primitive_batchers[_monarch_p] = _mm_batch
@@ -149,7 +187,7 @@ def _oriented(a: Monarch, x: jax.Array, transpose: bool):
 def _register(platform: str | None, backend: str, interpret: bool) -> None:
     def matmul(a: Monarch, x: jax.Array, *, transpose: bool) -> jax.Array:
         left, right, dtype = _oriented(a, x, transpose)
-        mode = True if interpret else platform
+        mode = ("interpret", backend) if interpret else platform
         return _monarch_mm(mode, left, right, x.astype(dtype)).astype(x.dtype)
 
     def supports(a: Monarch, x: jax.Array, *, transpose: bool) -> str | None:
@@ -173,5 +211,4 @@ def _register(platform: str | None, backend: str, interpret: bool) -> None:
 
 _register(None, "gpu", interpret=True)
 _register("cuda", "gpu", interpret=False)
-# No TPU kernel yet: the TPU planner says so, so impl="pallas" has no TPU branch.
 _register("tpu", "tpu", interpret=False)

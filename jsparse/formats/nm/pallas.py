@@ -2,9 +2,9 @@
 
 Adapts ``pallas_kernels/nm`` to :class:`~jsparse.core.ProductKernels` (forward,
 ``dX`` and ``dA`` all run Pallas kernels) and registers them per platform: the
-Triton kernels on ``cuda``, the interpreter elsewhere (so ``impl="pallas"`` is
-testable on CPU). There is no TPU kernel yet: the TPU planner says so, so the TPU
-version never supports a configuration and ``impl="pallas"`` has no TPU branch.
+Triton kernels on ``cuda``, the Mosaic kernels (one-hot tile expansion on the MXU)
+on ``tpu``, the GPU-style kernels in the interpreter elsewhere (so ``impl="pallas"``
+is testable on CPU; ``kernels(True, backend="tpu")`` runs the TPU kernels there).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pallas_kernels.nm import nm_sampled, nm_spmm, nm_spmm_t, plan_nm
 __all__ = ["kernels"]
 
 
-def _spmm(values, packed, x, *, config, transpose, interpret):
+def _spmm(values, packed, x, *, config, transpose, backend, interpret):
     n, m, axis = config
     positions = unpack_positions(packed, m=m, length=values.shape[1])
     if axis == 0:  # A grouped along rows is the transpose of one grouped along columns
@@ -40,35 +40,59 @@ def _spmm(values, packed, x, *, config, transpose, interpret):
         mask = decompress(jnp.ones(values.shape, jnp.bool_), positions, n=n, m=m, axis=1)
         return (w.T, mask.T) if transpose else (w, mask)
 
-    return stored_only(lambda x: fn(values, positions, x, n=n, m=m, interpret=interpret), dense, x)
+    def product(x):
+        return fn(values, positions, x, n=n, m=m, backend=backend, interpret=interpret)
+
+    return stored_only(product, dense, x)
 
 
-def _sample(u, v, packed, *, config, interpret):
+def _sample(u, v, packed, *, config, backend, interpret):
     n, m, axis = config
     positions = unpack_positions(packed, m=m, length=values_length(v.shape[0], n, m, axis))
+    kw = dict(n=n, m=m, backend=backend, interpret=interpret)
     if axis == 0:
-        return nm_sampled(v, u, positions.T, n=n, m=m, interpret=interpret).T
-    return nm_sampled(u, v, positions, n=n, m=m, interpret=interpret)
+        return nm_sampled(v, u, positions.T, **kw).T
+    return nm_sampled(u, v, positions, **kw)
 
 
 @functools.cache
-def kernels(interpret: bool, platform: str | None = None) -> ProductKernels:
-    """The N:M kernel bundle (Triton kernels, or the interpreter); compiled kernels are
-    marked as code for ``platform`` only, so a multi-platform export does not lower
-    them for the others."""
-    spmm = functools.partial(_spmm, interpret=interpret)
-    sample = functools.partial(_sample, interpret=interpret)
+def kernels(interpret: bool, platform: str | None = None, backend: str = "gpu") -> ProductKernels:
+    """The N:M kernel bundle of one Pallas ``backend`` (``"gpu"``: Triton, ``"tpu"``:
+    Mosaic), compiled or in the interpreter; compiled kernels are marked as code for
+    ``platform`` only, so a multi-platform export does not lower them for the others.
+
+    Example:
+      The TPU kernels in the interpreter, forward and gradient:
+
+      >>> import jax, jax.numpy as jnp, jsparse
+      >>> from jsparse.core.product import spmm
+      >>> from jsparse.formats.nm.pallas import kernels
+      >>> a = jsparse.NM.fromdense(jnp.eye(4), n=2, m=4)
+      >>> bundle = kernels(True, backend="tpu")
+      >>> y = spmm(bundle, a.kernel_config, False, a.values, a.positions, jnp.ones((4, 1)))
+      >>> y[:, 0].tolist()
+      [1.0, 1.0, 1.0, 1.0]
+      >>> g = jax.grad(lambda x: spmm(bundle, a.kernel_config, True, a.values, a.positions,
+      ...                             x).sum())(jnp.ones((4, 1)))
+      >>> g[:, 0].tolist()
+      [1.0, 1.0, 1.0, 1.0]
+    """
+    spmm = functools.partial(_spmm, backend=backend, interpret=interpret)
+    sample = functools.partial(_sample, backend=backend, interpret=interpret)
     if platform is not None:
         # Triton kernels have no export compatibility guarantee (JAX refuses to
-        # serialize them): an export for CUDA runs the XLA kernels instead.
+        # serialize them): an export for CUDA runs the XLA kernels instead (Mosaic
+        # kernels export as they are).
         xla = XLA_KERNELS if platform == "cuda" else ProductKernels(None, None)
-        spmm = on_platform(platform, spmm, export_fallback=xla.spmm)
-        sample = on_platform(platform, sample, export_fallback=xla.sample)
+        spmm = on_platform(platform, spmm, export_fallback=xla.spmm, shapes_like=XLA_KERNELS.spmm)
+        sample = on_platform(
+            platform, sample, export_fallback=xla.sample, shapes_like=XLA_KERNELS.sample
+        )
     return ProductKernels(spmm=spmm, sample=sample)
 
 
 def _register(platform: str | None, backend: str, interpret: bool) -> None:
-    bundle = kernels(interpret, None if interpret else platform)
+    bundle = kernels(interpret, None if interpret else platform, backend)
 
     def matmul(a: NM, x: jax.Array, *, transpose: bool) -> jax.Array:
         return core_product.spmm(bundle, a.kernel_config, transpose, a.values, a.positions, x)
