@@ -13,7 +13,10 @@ On one GPU (sized for an H100/H200 inside 8 minutes) it
 
 Cases (the issue's): BCSR 4096² at 90% sparsity with 32×32, 64×64 and 128×128 blocks
 for N = 1, 16, 256, 4096; N:M 2:4 4096² for N = 1, 16, 64, 256; Monarch 4096² with 4
-and 16 blocks for N = 1024; bfloat16 and float32. The table goes to ``--output``
+and 16 blocks for N = 1024; bfloat16 and float32; and block-sparse attention (bfloat16,
+B = 1, H = 8, D = 64, block 64: local 512 causal at L = 8192, causal at L = 4096,
+strided at L = 8192) against dense attention (cuDNN where it can express the mask,
+else XLA's masked softmax). The table goes to ``--output``
 (default ``gpu_suite.md``) and to stdout. Rows with a speed target (bfloat16 on
 H100/H200) say whether it was met; ``--profile DIR`` writes a ``jax.profiler`` trace
 of every case that misses it.
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jsparse.attention as ja
 from benchmarks.timing import markdown_table, paired_times
 from jsparse import BCSR, NM, Monarch, matmul
 
@@ -271,6 +275,136 @@ def _timing_row(case, a, x, c, peaks, reps, profile_dir, index) -> list:
     return row + [verdict]
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    """One block-sparse attention case (``mask``: a name in :func:`attention_mask`)."""
+
+    mask: str
+    length: int
+    dtype: str = "bfloat16"
+    heads: int = 8
+    dim: int = 64
+    block: int = 64
+
+    @property
+    def label(self) -> str:
+        return f"attention {self.mask} L={self.length} {self.dtype}"
+
+
+def attention_mask(name: str):
+    """The mask function and the dense-attention keywords that express the same mask
+    to cuDNN (None: only a dense boolean mask can)."""
+    if name == "local 512 causal":
+        return ja.causal() & ja.local(511), {"is_causal": True, "local_window_size": (511, 0)}
+    if name == "causal":
+        return ja.causal(), {"is_causal": True}
+    if name == "strided":  # local 256 + a 64-wide band every 512 positions, causal
+        return ja.causal() & (ja.local(255) | ja.strided(512, 64)), None
+    raise ValueError(f"unknown attention mask {name!r}")
+
+
+def attention_cases(quick: bool = False) -> list[AttentionCase]:
+    """Issue 14's cases, in bfloat16 for the GPU."""
+    out = [
+        AttentionCase("local 512 causal", 8192),
+        AttentionCase("causal", 4096),
+        AttentionCase("strided", 8192),
+    ]
+    return out[:2] if quick else out
+
+
+def tiny_attention_cases() -> list[AttentionCase]:
+    """Small shapes for the interpreter on CPU."""
+    return [
+        AttentionCase("local 512 causal", 128, "float32", heads=2, dim=16, block=32),
+        AttentionCase("causal", 96, "bfloat16", heads=2, dim=16, block=32),
+    ]
+
+
+def _attention_inputs(case: AttentionCase, key):
+    fn, _ = attention_mask(case.mask)
+    mask = ja.BlockMask.from_fn(fn, case.length, case.length, block_size=(case.block,) * 2)
+    shape = (1, case.length, case.heads, case.dim)
+    q, k, v, c = (
+        jax.random.normal(kk, shape, jnp.dtype(case.dtype)) for kk in jax.random.split(key, 4)
+    )
+    return mask, q, k, v, c.astype(jnp.float32)
+
+
+def _attention_functions(impl: str):
+    def forward(q, k, v, mask):
+        return ja.block_sparse_attention(q, k, v, mask, impl=impl)
+
+    def loss(q, k, v, mask, c):
+        return jnp.sum(forward(q, k, v, mask).astype(jnp.float32) * c)
+
+    return jax.jit(forward), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def check_attention(case_list, *, key=None) -> list[Check]:
+    """``impl="pallas"`` against ``impl="xla"`` on float32 copies: the output and the
+    gradients w.r.t. ``q, k, v``.
+
+    Example:
+      >>> from benchmarks.gpu import check_attention, tiny_attention_cases
+      >>> [c.ok for c in check_attention(tiny_attention_cases()[:1])]
+      [True]
+    """
+    key = jax.random.key(2) if key is None else key
+    pallas_fwd, pallas_vjp = _attention_functions("pallas")
+    xla_fwd, xla_vjp = _attention_functions("xla")
+    out = []
+    for i, case in enumerate(case_list):
+        mask, q, k, v, c = _attention_inputs(case, jax.random.fold_in(key, i))
+        q32, k32, v32 = _to_f32((q, k, v))
+        try:
+            got = pallas_fwd(q, k, v, mask)
+        except ValueError as e:
+            out.append(Check(case, float("nan"), float("nan"), refused=str(e)))
+            continue
+        fwd_err = _rel_error(got, xla_fwd(q32, k32, v32, mask))
+        got_v, got_g = pallas_vjp(q, k, v, mask, c)
+        want_v, want_g = xla_vjp(q32, k32, v32, mask, c)
+        out.append(Check(case, fwd_err, max(_rel_error(got_v, want_v), _rel_error(got_g, want_g))))
+    return out
+
+
+def _dense_attention(case: AttentionCase, mask):
+    """Jitted dense forward and value_and_grad, and what runs them: cuDNN when the
+    mask is expressible to it and it accepts the shapes, else XLA with a boolean mask."""
+    _, cudnn_kwargs = attention_mask(case.mask)
+    dense_mask = mask.to_dense()[None]
+
+    def make(fwd):
+        def loss(q, k, v, c):
+            return jnp.sum(fwd(q, k, v).astype(jnp.float32) * c)
+
+        return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+    if cudnn_kwargs is not None:
+        fwd = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+            q, k, v, implementation="cudnn", **cudnn_kwargs
+        )
+        try:
+            shape = jax.ShapeDtypeStruct((1, case.length, case.heads, case.dim), case.dtype)
+            jax.jit(fwd).lower(shape, shape, shape).compile()
+            return (*make(fwd), "cuDNN")
+        except Exception:  # noqa: BLE001 - cuDNN refuses: fall back to XLA, say so
+            pass
+    fwd = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense_mask)  # noqa: E731
+    return (*make(fwd), "XLA masked")
+
+
+def _attention_timing_row(case, key, reps) -> list:
+    mask, q, k, v, c = _attention_inputs(case, key)
+    dense_fwd, dense_vjp, dense_name = _dense_attention(case, mask)
+    fwd, vjp = _attention_functions("pallas")
+    t_d, t_s, r_fwd = paired_times(dense_fwd, (q, k, v), fwd, (q, k, v, mask), reps)
+    t_dg, t_sg, r_vjp = paired_times(dense_vjp, (q, k, v, c), vjp, (q, k, v, mask, c), reps)
+    return [case.label, f"{100 * mask.density():.1f}%", dense_name, t_s * 1e6, r_fwd,
+            t_sg * 1e6, r_vjp]  # fmt: skip
+
+
 def run_suite(output: str | None = None, quick: bool = False, profile: str | None = None) -> str:
     """Correctness, then timings; returns the markdown and writes it to ``output``."""
     start = time.perf_counter()
@@ -285,19 +419,17 @@ def run_suite(output: str | None = None, quick: bool = False, profile: str | Non
         print(text)
         return text
     case_list = cases(quick)
-    checks = check_correctness(case_list)
+    checks = check_correctness(case_list) + check_attention(attention_cases(quick))
     check_rows = [
         [
             ch.case.label,
-            ch.forward_error,
-            ch.grad_error,
+            f"{ch.forward_error:.2e}",  # 2 decimals would hide small errors
+            f"{ch.grad_error:.2e}",
             TOLERANCE[ch.case.dtype],
             "ok" if ch.ok else ("refused: " + ch.refused if ch.refused else "FAIL"),
         ]
         for ch in checks
     ]
-    for row in check_rows:  # floats to 2 decimals hide small errors: print them fully
-        row[1], row[2] = f"{row[1]:.2e}", f"{row[2]:.2e}"
     check_table = markdown_table(
         ["case", "fwd rel. error", "grad rel. error", "tolerance", "verdict"], check_rows
     )
@@ -315,6 +447,15 @@ def run_suite(output: str | None = None, quick: bool = False, profile: str | Non
             continue
         a, x, c = make(case, jax.random.fold_in(jax.random.key(1), i))
         rows.append(_timing_row(case, a, x, c, peaks, reps, profile, i))
+    attention_rows = []
+    for i, case in enumerate(attention_cases(quick)):
+        if case in refused:
+            attention_rows.append([case.label, "refused by the planner"] + [""] * 5)
+        elif time.perf_counter() - start > BUDGET_S:
+            attention_rows.append([case.label, "skipped: time budget"] + [""] * 5)
+        else:
+            key = jax.random.fold_in(jax.random.key(3), i)
+            attention_rows.append(_attention_timing_row(case, key, reps))
     header = ["case"]
     for kind_ in ("fwd", "vjp"):
         header += [f"{kind_} µs", f"{kind_} × dense", f"{kind_} TFLOP/s", f"{kind_} TB/s",
@@ -333,6 +474,12 @@ def run_suite(output: str | None = None, quick: bool = False, profile: str | Non
         + (" (unknown chip: n/a)" if peaks is None else "")
         + ".\n\n"
         + markdown_table(header, rows)
+        + "\n\n### Block-sparse attention against dense attention (B=1, H=8, D=64, "
+        "block 64)\n\nvjp: `value_and_grad` w.r.t. q, k, v. × dense > 1: faster.\n\n"
+        + markdown_table(
+            ["case", "blocks kept", "dense by", "fwd µs", "fwd × dense", "vjp µs", "vjp × dense"],
+            attention_rows,
+        )  # fmt: skip
     )
     path = pathlib.Path(output or "gpu_suite.md")
     path.write_text(text + "\n", encoding="utf-8")

@@ -86,3 +86,24 @@ def test_the_suite_command_without_a_gpu_says_so(monkeypatch, tmp_path, capsys):
     assert not out.exists()  # nothing measured, nothing written
     with pytest.raises(SystemExit):
         runner.main(["--suite", "no_such_suite"])
+
+
+@pytest.mark.slow
+def test_the_attention_correctness_half_passes_in_interpret_mode(gpu):
+    checks = gpu.check_attention(gpu.tiny_attention_cases())
+    assert {c.case.dtype for c in checks} == {"float32", "bfloat16"}
+    for c in checks:
+        assert c.ok, (c.case.label, c.forward_error, c.grad_error)
+        if c.case.dtype == "float32":
+            assert c.forward_error < 1e-4 and c.grad_error < 1e-4
+
+
+def test_the_attention_cases_are_the_issues(gpu):
+    labels = [c.label for c in gpu.attention_cases()]
+    assert labels == [
+        "attention local 512 causal L=8192 bfloat16",
+        "attention causal L=4096 bfloat16",
+        "attention strided L=8192 bfloat16",
+    ]
+    with pytest.raises(ValueError, match="unknown attention mask"):
+        gpu.attention_mask("diagonal")
