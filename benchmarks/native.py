@@ -1,0 +1,190 @@
+"""Native CPU kernels (``impl="cpu"``, jsparse_native): BCSR A (M x K) @ X (K x N)
+against dense ``jnp``, jsparse's XLA kernels, ``jax.experimental.sparse`` and (when
+installed) ``torch.sparse``; the gradient; the thread and instruction-set scaling."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsparse_native
+from benchmarks.timing import markdown_table, paired_speedup, paired_times
+from jsparse import BCSR, NM, matmul
+
+_ROUNDS = {"reps": 3, "run": 5}
+
+
+def _case(shape, block_shape, density, n):
+    key = jax.random.key(0)
+    a = BCSR.random(key, shape, density=density, block_shape=block_shape)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (shape[1], n))
+    return a, x
+
+
+def _gflops(flops: float, seconds: float) -> float:
+    return flops / seconds / 1e9
+
+
+def _torch_speedup(dense, dense_args, a: BCSR, x) -> object:
+    try:
+        import torch
+    except ImportError:
+        return "n/a"
+    w = torch.from_numpy(np.asarray(a.todense()))
+    bsr = w.to_sparse_bsr(a.block_shape)
+    xt = torch.from_numpy(np.asarray(x))
+    with torch.inference_mode():
+        return paired_speedup(dense, dense_args, lambda: bsr @ xt, (), reps=3, run=3)[1]
+
+
+def _forward_row(a: BCSR, x) -> list:
+    from jax.experimental import sparse as jsp
+
+    w = a.todense()
+    dense = jax.jit(lambda w, x: w @ x)
+    fns = {i: jax.jit(lambda a, x, i=i: matmul(a, x, impl=i)) for i in ("cpu", "xla", "auto")}
+    t_dense, t_cpu, cpu_speedup = paired_times(dense, (w, x), fns["cpu"], (a, x), **_ROUNDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peer = jsp.BCSR.fromdense(w)
+        peer_mm = jax.jit(lambda p, x: p @ x)
+        peer_speedup = paired_speedup(dense, (w, x), peer_mm, (peer, x), **_ROUNDS)[1]
+    m, k = a.shape
+    n = x.shape[1]
+    return [
+        f"{a.block_shape[0]}x{a.block_shape[1]}",
+        f"{100 * (1 - a.density):.0f}%",
+        t_dense * 1e3,
+        cpu_speedup,
+        paired_speedup(dense, (w, x), fns["xla"], (a, x), **_ROUNDS)[1],
+        paired_speedup(dense, (w, x), fns["auto"], (a, x), **_ROUNDS)[1],
+        peer_speedup,
+        cpu_speedup / peer_speedup,
+        _torch_speedup(dense, (w, x), a, x),
+        _gflops(2 * m * k * n, t_dense),
+        _gflops(2 * a.nse * a.block_shape[0] * a.block_shape[1] * n, t_cpu),
+    ]
+
+
+def _grad_row(a: BCSR, x) -> list:
+    target = jnp.ones((a.shape[0], x.shape[1]))
+
+    def loss_dense(w, x):
+        return jnp.sum((w @ x - target) ** 2)
+
+    def loss(impl):
+        return lambda data, x: jnp.sum((matmul(a.with_values(data), x, impl=impl) - target) ** 2)
+
+    g_dense = jax.jit(jax.value_and_grad(loss_dense, argnums=(0, 1)))
+    g = {i: jax.jit(jax.value_and_grad(loss(i), argnums=(0, 1))) for i in ("cpu", "xla")}
+    w = a.todense()
+    t_dense, cpu = paired_speedup(g_dense, (w, x), g["cpu"], (a.data, x), **_ROUNDS)
+    return [
+        f"{a.block_shape[0]}x{a.block_shape[1]}",
+        f"{100 * (1 - a.density):.0f}%",
+        t_dense * 1e3,
+        cpu,
+        paired_speedup(g_dense, (w, x), g["xla"], (a.data, x), **_ROUNDS)[1],
+    ]
+
+
+def _scaling_rows(a: BCSR, x) -> list:
+    """Time of the native product per thread cap and per instruction set."""
+    f = jax.jit(lambda a, x: matmul(a, x, impl="cpu"))
+    dense = jax.jit(lambda w, x: w @ x)
+    w = a.todense()
+    rows = []
+    previous = jsparse_native.set_max_threads(1)
+    try:
+        t_one = paired_times(dense, (w, x), f, (a, x), **_ROUNDS)[1]
+        jsparse_native.set_max_threads(0)
+        t_all = paired_times(dense, (w, x), f, (a, x), **_ROUNDS)[1]
+        rows.append(
+            ["threads: all / one", f"{t_all * 1e3:.2f} / {t_one * 1e3:.2f} ms", t_one / t_all]
+        )
+        jsparse_native.set_max_threads(previous)
+        for isa in jsparse_native.supported_isas():
+            with jsparse_native.forced_isa(isa):
+                t_dense, t_isa, speedup = paired_times(dense, (w, x), f, (a, x), **_ROUNDS)
+            rows.append([f"isa {isa}", f"{t_isa * 1e3:.2f} ms", speedup])
+    finally:
+        jsparse_native.set_max_threads(previous)
+    return rows
+
+
+def _nm_row(a: NM, x) -> list:
+    w = a.todense()
+    dense = jax.jit(lambda w, x: w @ x)
+    row = [f"{a.n}:{a.m} axis {a.axis}", x.shape[1]]
+    for impl in ("cpu", "xla", "auto"):
+        f = jax.jit(lambda a, x, impl=impl: matmul(a, x, impl=impl))
+        t_dense, speedup = paired_speedup(dense, (w, x), f, (a, x), **_ROUNDS)
+        row.append(speedup)
+    target = jnp.ones((a.shape[0], x.shape[1]))
+    g_dense = jax.jit(jax.grad(lambda w, x: jnp.sum((w @ x - target) ** 2), argnums=(0, 1)))
+
+    def loss(values, x):
+        return jnp.sum((matmul(a.with_values(values), x, impl="cpu") - target) ** 2)
+
+    g_cpu = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    row.append(paired_speedup(g_dense, (w, x), g_cpu, (a.values, x), **_ROUNDS)[1])
+    return [*row[:2], t_dense * 1e3, *row[2:]]
+
+
+def run(quick: bool = False) -> str:
+    """The native-kernel tables (markdown)."""
+    if not jsparse_native.available():
+        return f"## Native CPU kernels\n\nnot available: {jsparse_native.load_error()}\n"
+    size, n = (512, 128) if quick else (2048, 512)
+    blocks = [(32, 32)] if quick else [(16, 16), (32, 32), (64, 64)]
+    densities = [0.1] if quick else [0.5, 0.1]
+    rows = [_forward_row(*_case((size, size), bs, d, n)) for bs in blocks for d in densities]
+    fwd = markdown_table(
+        [
+            "block", "sparsity", "dense ms", "jsparse cpu", "jsparse xla", "jsparse auto",
+            "jax.experimental.sparse.BCSR", "cpu / jax.experimental", "torch BSR",
+            "dense GFLOP/s", "cpu GFLOP/s (stored)",
+        ],
+        rows,
+    )  # fmt: skip
+    grad_rows = [_grad_row(*_case((size, size), bs, 0.1, n)) for bs in blocks]
+    grad = markdown_table(
+        ["block", "sparsity", "dense ms", "jsparse cpu", "jsparse xla"], grad_rows
+    )
+    scaling = markdown_table(
+        ["configuration", "cpu time", "ratio"],
+        _scaling_rows(*_case((size, size), (32, 32), 0.1, n)),
+    )
+    size_nm = 1024 if quick else 4096
+    widths = [1, 16] if quick else [1, 16, 256, 1024]
+    nm_rows = []
+    for axis in [1] if quick else [1, 0]:
+        a = NM.random(jax.random.key(0), (size_nm, size_nm), n=2, m=4, axis=axis)
+        for b in widths:
+            x = jax.random.normal(jax.random.key(1), (size_nm, b))
+            nm_rows.append(_nm_row(a, x))
+    nm = markdown_table(
+        ["n:m", "B", "dense ms", "jsparse cpu", "jsparse xla", "jsparse auto", "cpu grad"],
+        nm_rows,
+    )
+    return (
+        f"## Native CPU kernels: BCSR A {size}x{size} @ X {size}x{n}, float32\n\n"
+        "Speedups over dense `jnp` (dense time / method time; > 1 is faster), the median "
+        "over 3 alternating rounds of 5 consecutive runs after warm-up, one process; "
+        "GFLOP/s of the native kernel count the stored blocks' flops.\n\n"
+        f"{fwd}\n\n"
+        "`value_and_grad` with respect to (A's values, X) of `sum((A @ X - T)**2)`: "
+        "speedup over the dense gradient.\n\n"
+        f"{grad}\n\n"
+        "90% / 32x32: the native product with one thread against all of XLA's intra-op "
+        "pool (ratio: one-thread time / all-threads time), and per instruction set "
+        "(ratio: speedup over dense).\n\n"
+        f"{scaling}\n\n"
+        f"N:M W {size_nm}x{size_nm} @ X {size_nm}xB, float32: speedups over dense (the "
+        "gradient column: `grad` of `sum((W @ X - T)**2)` in (values, X) over the dense "
+        "gradient).\n\n"
+        f"{nm}"
+    )

@@ -1,0 +1,70 @@
+"""N:M's ``"cpu"`` implementation: native C++ products behind XLA's FFI.
+
+The kernel (``jsparse_native``) reads the stored values and the *packed* positions
+directly ("load as sparse"): no decompressed matrix, no unpacked positions. For the
+product that contracts the grouped axis (``W @ X`` with ``axis=1``, ``W.T @ X`` with
+``axis=0``) each output row gathers the rows of ``X`` its stored entries select, in
+register tiles of rows x vectors; for the other orientation each group's ``m`` output
+rows collect its entries' rows of ``X`` in an L1 buffer. Only stored entries are ever
+multiplied, so a NaN of ``X`` reaches exactly the outputs a stored entry connects it to
+(the stored-entries semantics, no correction pass). float32 and bfloat16 (float32
+accumulation); AVX-512 / AVX2 / portable paths chosen at run time; XLA's threads.
+
+The gradient's ``dW`` (an SDDMM at the stored positions) runs the ``"xla"`` kernel;
+``dX`` is the native product of the other orientation. A corrupted position (``>= m``)
+that reaches the kernel under ``jit`` raises an error from the call.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jsparse
+  >>> a = jsparse.NM.random(jax.random.key(0), (8, 16), n=2, m=4)
+  >>> x = jnp.ones((16, 3))
+  >>> bool(jnp.allclose(jsparse.matmul(a, x, impl="cpu"), a.todense() @ x, atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jsparse.core import product
+from jsparse.core.checks import symbolic_width_reason
+from jsparse.core.product import ProductKernels
+from jsparse.core.registry import on_platform, register_impl
+from jsparse.formats.bcsr.cpu import native_dtype, native_ready, unsupported_reason
+from jsparse.formats.nm.matrix import NM
+from jsparse.formats.nm.xla import XLA_KERNELS
+
+__all__ = ["CPU_KERNELS"]
+
+
+def _spmm(values, packed, x, *, config, transpose):
+    dtype = native_dtype(values.dtype, x.dtype)
+    if dtype is None or not native_ready():
+        return XLA_KERNELS.spmm(values, packed, x, config=config, transpose=transpose)
+    n, m, axis = config
+    vr, vc = values.shape
+    rows, cols = (vr, vc // n * m) if axis == 1 else (vr // n * m, vc)
+    out = jax.ShapeDtypeStruct((cols if transpose else rows, x.shape[1]), dtype)
+    y = jax.ffi.ffi_call("jsparse_nm_spmm", out)(
+        values.astype(dtype), packed.astype(jnp.uint8), x.astype(dtype),
+        n=n, m=m, axis=axis, transpose=transpose,
+    )  # fmt: skip
+    return y.astype(x.dtype)
+
+
+# Code for CPU only (an export runs the XLA kernels); dW is the XLA SDDMM.
+CPU_KERNELS = ProductKernels(
+    spmm=on_platform("cpu", _spmm, export_fallback=XLA_KERNELS.spmm),
+    sample=XLA_KERNELS.sample,
+)
+
+
+def _matmul_supports(a: NM, x: jax.Array, *, transpose: bool) -> str | None:
+    del transpose
+    return symbolic_width_reason(x) or unsupported_reason(jnp.result_type(a.dtype, x.dtype))
+
+
+@register_impl("matmul", NM, "cpu", supports=_matmul_supports)
+def _matmul(a: NM, x: jax.Array, *, transpose: bool) -> jax.Array:
+    return product.spmm(CPU_KERNELS, a.kernel_config, transpose, a.values, a.positions, x)

@@ -1,0 +1,214 @@
+"""jsparse's native CPU kernels: a shared library of XLA FFI handlers.
+
+The library (``_jsparse_native*.so``, built by ``pip install`` from ``src/``) holds
+block-sparse (BCSR) product and SDDMM kernels for float32 and bfloat16, compiled for
+three instruction sets (AVX-512, AVX2 + FMA and a portable baseline) and chosen at
+run time. This package loads it with :mod:`ctypes`, registers its handlers with
+``jax.ffi.register_ffi_target`` (platform ``"cpu"``) and exposes the controls the
+tests and benchmarks use. It knows nothing of jsparse's formats: the adapters live in
+``jsparse/formats/<format>/cpu.py``.
+
+Example:
+  >>> import jsparse_native
+  >>> jsparse_native.available() in (True, False)
+  True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+
+__all__ = [
+    "ISAS",
+    "available",
+    "best_isa",
+    "forced_isa",
+    "isa",
+    "last_threads",
+    "load_error",
+    "set_isa",
+    "set_max_threads",
+    "supported_isas",
+]
+
+# Instruction sets, slowest first; an index into this tuple is the C library's code.
+ISAS = ("generic", "avx2", "avx512")
+
+# FFI targets of the library (name -> exported handler symbol).
+TARGETS = {name: name for name in ("jsparse_bcsr_spmm", "jsparse_bcsr_sddmm", "jsparse_nm_spmm")}
+
+
+def _library_path() -> str | None:
+    """The built library: ``$JSPARSE_NATIVE_LIBRARY`` when set (CI's sanitizer build),
+    else the one installed beside this file."""
+    override = os.environ.get("JSPARSE_NATIVE_LIBRARY")
+    if override:
+        return override
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_jsparse_native*.so")))
+    found += sorted(glob.glob(os.path.join(here, "_jsparse_native*.dylib")))
+    return found[0] if found else None
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """``(library, None)`` once loaded and registered, else ``(None, reason)``."""
+    path = _library_path()
+    if path is None:
+        return None, "the native extension was not built (no compiler at install time?)"
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        return None, f"the native extension failed to load: {e}"
+    import jax
+
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    for name in ("jsparse_native_isa", "jsparse_native_best_isa", "jsparse_native_set_isa",
+                 "jsparse_native_max_threads", "jsparse_native_last_threads"):  # fmt: skip
+        getattr(lib, name).restype = ctypes.c_int
+    return lib, None
+
+
+def available() -> bool:
+    """Whether the native library is built, loaded and its FFI targets registered.
+
+    Example:
+      >>> import jsparse_native
+      >>> isinstance(jsparse_native.available(), bool)
+      True
+    """
+    return _load()[0] is not None
+
+
+def load_error() -> str | None:
+    """Why the library is not available (``None`` when it is).
+
+    Example:
+      >>> import jsparse_native
+      >>> jsparse_native.load_error() is None or jsparse_native.available() is False
+      True
+    """
+    return _load()[1]
+
+
+def _lib() -> ctypes.CDLL:
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    return lib
+
+
+def best_isa() -> str:
+    """The fastest instruction set of this CPU the library was built for.
+
+    Example:
+      >>> import jsparse_native
+      >>> jsparse_native.best_isa() in jsparse_native.ISAS if jsparse_native.available() else True
+      True
+    """
+    return ISAS[_lib().jsparse_native_best_isa()]
+
+
+def supported_isas() -> tuple[str, ...]:
+    """Every instruction set the kernels can run here, slowest first.
+
+    Example:
+      >>> import jsparse_native
+      >>> "generic" in jsparse_native.supported_isas() if jsparse_native.available() else True
+      True
+    """
+    return ISAS[: ISAS.index(best_isa()) + 1]
+
+
+def isa() -> str:
+    """The instruction set the kernels use now (``JSPARSE_NATIVE_ISA`` at load, or
+    :func:`set_isa`).
+
+    Example:
+      >>> import jsparse_native
+      >>> jsparse_native.isa() in jsparse_native.ISAS if jsparse_native.available() else True
+      True
+    """
+    return ISAS[_lib().jsparse_native_isa()]
+
+
+def set_isa(name: str | None) -> str:
+    """Force the kernels' instruction set (``None``: the best one); returns the previous.
+
+    Takes effect at the next call of a kernel (compiled functions need no retracing).
+
+    Raises:
+      ValueError: an unknown name, or one this CPU cannot run.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_isa("generic")
+      ...     assert jsparse_native.isa() == "generic"
+      ...     _ = jsparse_native.set_isa(old)
+    """
+    previous = isa()
+    if name is None:
+        name = best_isa()
+    if name not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS} or None, got {name!r}")
+    if name not in supported_isas():
+        raise ValueError(f"this CPU cannot run the {name!r} kernels (it runs {supported_isas()})")
+    _lib().jsparse_native_set_isa(ISAS.index(name))
+    return previous
+
+
+@functools.wraps(set_isa)
+def forced_isa(name: str | None):
+    """A context manager running the kernels with instruction set ``name``.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     with jsparse_native.forced_isa("generic"):
+      ...         assert jsparse_native.isa() == "generic"
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def manager():
+        previous = set_isa(name)
+        try:
+            yield
+        finally:
+            set_isa(previous)
+
+    return manager()
+
+
+def set_max_threads(n: int) -> int:
+    """Cap the threads of XLA's intra-op pool one kernel call uses (``0``: all of them);
+    returns the previous cap.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_max_threads(1)
+      ...     _ = jsparse_native.set_max_threads(old)
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    lib = _lib()
+    previous = lib.jsparse_native_max_threads()
+    lib.jsparse_native_set_max_threads(n)
+    return previous
+
+
+def last_threads() -> int:
+    """Threads the most recent kernel call ran on (0 before any call).
+
+    Example:
+      >>> import jsparse_native
+      >>> jsparse_native.last_threads() >= 0 if jsparse_native.available() else True
+      True
+    """
+    return _lib().jsparse_native_last_threads()

@@ -1,0 +1,377 @@
+// XLA FFI handlers of jsparse's native CPU kernels: argument checks (shapes, dtypes
+// and every index the kernels will read), the ISA choice, and the split of the work
+// over XLA's intra-op thread pool.
+//
+// Handlers (registered from Python with jax.ffi.register_ffi_target, platform "cpu"):
+//   jsparse_bcsr_spmm   (data, ptr, order, src, check, x) -> y   op(A) @ X
+//   jsparse_bcsr_sddmm  (u, v, rows, cols) -> out                blocks of U @ V.T
+//   jsparse_nm_spmm     (values, packed positions, x) -> y        op(W) @ X for N:M W
+// plus a few C functions (ctypes) to query and force the ISA and the thread count.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jsparse_native {
+namespace {
+
+// ------------------------------------------------------------------ ISA choice
+// 0 = generic, 1 = avx2, 2 = avx512.
+int detect_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      avx512_kernels() != nullptr)
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      avx2_kernels() != nullptr)
+    return 1;
+#endif
+  return 0;
+}
+
+const int kBestIsa = detect_isa();
+
+int isa_from_env() {
+  const char* env = std::getenv("JSPARSE_NATIVE_ISA");
+  if (env == nullptr || *env == '\0') return kBestIsa;
+  std::string s(env);
+  int want = s == "generic" ? 0 : s == "avx2" ? 1 : s == "avx512" ? 2 : kBestIsa;
+  return std::min(want, kBestIsa);
+}
+
+std::atomic<int> g_isa{isa_from_env()};
+std::atomic<int> g_max_threads{0};   // 0: every thread of XLA's pool
+std::atomic<int> g_last_threads{0};  // threads the last call used (for tests)
+
+const KernelTable* table_for(int isa) {
+  if (isa >= 2 && avx512_kernels()) return avx512_kernels();
+  if (isa >= 1 && avx2_kernels()) return avx2_kernels();
+  return generic_kernels();
+}
+
+// ------------------------------------------------------------------ threads
+// ``chunks`` work items run by the calling thread and up to ``threads - 1`` tasks on
+// XLA's pool. The caller never waits for a task that has not started: it takes items
+// itself until none is left, then waits only for the items other threads claimed.
+// A task that starts late (after the call returned) finds nothing to do; the state it
+// touches is shared-owned, so it outlives the call.
+struct ParallelState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int64_t chunks, const F& body) {
+  int64_t threads = pool.num_threads();
+  const int cap = g_max_threads.load();
+  if (cap > 0) threads = std::min<int64_t>(threads, cap);
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, chunks));
+  g_last_threads.store(static_cast<int>(threads));
+  if (threads <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  auto state = std::make_shared<ParallelState>();
+  state->total = chunks;
+  // The body is only called for claimed items, which all finish before we return.
+  const F* fn = &body;
+  auto work = [state, fn]() {
+    for (;;) {
+      const int64_t c = state->next.fetch_add(1);
+      if (c >= state->total) return;
+      (*fn)(c);
+      if (state->done.fetch_add(1) + 1 == state->total) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == state->total; });
+}
+
+// Cut [0, n) into about ``parts`` ranges of equal cost, cost(i) = cum[i] - cum[0]
+// (a non-decreasing prefix), each range non-empty.
+std::vector<int64_t> balanced_cuts(int64_t n, int64_t parts,
+                                   const std::vector<int64_t>& cum) {
+  std::vector<int64_t> cuts{0};
+  if (n == 0) return cuts;
+  const int64_t total = cum[n] - cum[0];
+  parts = std::max<int64_t>(1, std::min(parts, n));
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = cum[0] + (total * p) / parts;
+    int64_t i = std::lower_bound(cum.begin(), cum.begin() + n + 1, target) - cum.begin();
+    i = std::min<int64_t>(std::max<int64_t>(i, cuts.back() + 1), n);
+    if (i < n) cuts.push_back(i);
+  }
+  cuts.push_back(n);
+  return cuts;
+}
+
+// ------------------------------------------------------------------ helpers
+ffi::Error elem_of(ffi::DataType t, Elem* out, const char* what) {
+  if (t == ffi::DataType::F32) {
+    *out = Elem::kF32;
+  } else if (t == ffi::DataType::BF16) {
+    *out = Elem::kBF16;
+  } else {
+    return ffi::Error::InvalidArgument(std::string("jsparse native: ") + what +
+                                       " must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error bad(const std::string& msg) {
+  return ffi::Error::InvalidArgument("jsparse native: " + msg);
+}
+
+int64_t pool_parts(ffi::ThreadPool& pool) {
+  return std::max<int64_t>(1, pool.num_threads()) * 4;
+}
+
+// ------------------------------------------------------------------ BCSR product
+// data (nse, bm, bn); ptr (nout + 1,); order (nse,) or (0,) for the identity;
+// src (nse,): the input block of each stored block; check (nse,) or (0,): when given,
+// check[order[p]] must equal the output block-row of p (the CSC view agrees with the
+// CSR indices); x (nin * bi, N) -> y (nout * bo, N). ``transpose`` picks the roles.
+ffi::Error BcsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S32> ptr,
+                    ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::S32> src,
+                    ffi::Buffer<ffi::S32> check, ffi::AnyBuffer x,
+                    ffi::Result<ffi::AnyBuffer> y, bool transpose) {
+  Elem dtype;
+  if (auto e = elem_of(data.element_type(), &dtype, "values"); e.failure()) return e;
+  if (x.element_type() != data.element_type() || y->element_type() != data.element_type())
+    return bad("values, x and the output must share one dtype");
+  auto dd = data.dimensions();
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (dd.size() != 3 || xd.size() != 2 || yd.size() != 2) return bad("bad operand ranks");
+  const int64_t nse = dd[0], bm = dd[1], bn = dd[2], n = xd[1];
+  const int64_t bo = transpose ? bn : bm, bi = transpose ? bm : bn;
+  if (bm <= 0 || bn <= 0) return bad("empty block shape");
+  if (yd[1] != n) return bad("x and the output differ in width");
+  if (yd[0] % bo != 0 || xd[0] % bi != 0) return bad("rows not a multiple of the block");
+  const int64_t nout = yd[0] / bo, nin = xd[0] / bi;
+  if (static_cast<int64_t>(ptr.element_count()) != nout + 1)
+    return bad("the block pointer has " + std::to_string(ptr.element_count()) +
+               " entries, expected " + std::to_string(nout + 1));
+  const bool has_order = order.element_count() != 0;
+  const bool has_check = check.element_count() != 0;
+  if ((has_order && static_cast<int64_t>(order.element_count()) != nse) ||
+      static_cast<int64_t>(src.element_count()) != nse ||
+      (has_check && static_cast<int64_t>(check.element_count()) != nse))
+    return bad("index arrays must have one entry per stored block");
+  const int32_t* P = ptr.typed_data();
+  const int32_t* O = has_order ? order.typed_data() : nullptr;
+  const int32_t* S = src.typed_data();
+  const int32_t* C = has_check ? check.typed_data() : nullptr;
+  // Every index the kernel reads, checked before any is used.
+  for (int64_t o = 0; o < nout; ++o) {
+    if (P[o] < 0 || P[o] > P[o + 1] || P[o + 1] > nse)
+      return bad("corrupted block pointer at block-row " + std::to_string(o) + ": " +
+                 std::to_string(P[o]) + ", " + std::to_string(P[o + 1]) +
+                 " (must be non-decreasing within [0, " + std::to_string(nse) + "])");
+  }
+  for (int64_t o = 0; o < nout; ++o) {
+    for (int64_t p = P[o]; p < P[o + 1]; ++p) {
+      const int64_t b = O ? O[p] : p;
+      if (b < 0 || b >= nse)
+        return bad("corrupted block order: entry " + std::to_string(p) + " is " +
+                   std::to_string(b) + ", outside [0, " + std::to_string(nse) + ")");
+      if (S[b] < 0 || S[b] >= nin)
+        return bad("corrupted block index: stored block " + std::to_string(b) + " has " +
+                   std::to_string(S[b]) + ", outside [0, " + std::to_string(nin) + ")");
+      if (C && C[b] != o)
+        return bad("the transposed view disagrees with the block indices at stored block " +
+                   std::to_string(b));
+    }
+  }
+  SpmmArgs args{data.untyped_data(), P, O, S, x.untyped_data(), y->untyped_data(),
+                bm, bn, bo, bi, transpose ? 1 : bn, transpose ? bn : 1, n, dtype};
+  if (n == 0 || nout == 0) return ffi::Error::Success();
+  const KernelTable* k = table_for(g_isa.load());
+  // Balance by stored blocks (plus one per block-row for its zeroing/stores).
+  std::vector<int64_t> cum(nout + 1);
+  for (int64_t o = 0; o <= nout; ++o) cum[o] = static_cast<int64_t>(P[o] - P[0]) * 4 + o;
+  const std::vector<int64_t> cuts = balanced_cuts(nout, pool_parts(pool), cum);
+  parallel_for(pool, static_cast<int64_t>(cuts.size()) - 1,
+               [&](int64_t c) { k->spmm(args, cuts[c], cuts[c + 1]); });
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------ BCSR SDDMM
+ffi::Error BcsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer u, ffi::AnyBuffer v,
+                     ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> cols,
+                     ffi::Result<ffi::AnyBuffer> out) {
+  Elem dtype;
+  if (auto e = elem_of(u.element_type(), &dtype, "u"); e.failure()) return e;
+  if (v.element_type() != u.element_type() || out->element_type() != u.element_type())
+    return bad("u, v and the output must share one dtype");
+  auto ud = u.dimensions();
+  auto vd = v.dimensions();
+  auto od = out->dimensions();
+  if (ud.size() != 2 || vd.size() != 2 || od.size() != 3) return bad("bad operand ranks");
+  const int64_t nse = od[0], bm = od[1], bn = od[2], j = ud[1];
+  if (vd[1] != j) return bad("u and v differ in width");
+  if (bm <= 0 || bn <= 0) return bad("empty block shape");
+  if (ud[0] % bm != 0 || vd[0] % bn != 0) return bad("rows not a multiple of the block");
+  const int64_t nbr = ud[0] / bm, nbc = vd[0] / bn;
+  if (static_cast<int64_t>(rows.element_count()) != nse ||
+      static_cast<int64_t>(cols.element_count()) != nse)
+    return bad("index arrays must have one entry per stored block");
+  const int32_t* R = rows.typed_data();
+  const int32_t* C = cols.typed_data();
+  for (int64_t b = 0; b < nse; ++b) {
+    if (R[b] < 0 || R[b] >= nbr || C[b] < 0 || C[b] >= nbc)
+      return bad("corrupted block coordinates at stored block " + std::to_string(b) + ": (" +
+                 std::to_string(R[b]) + ", " + std::to_string(C[b]) + ") outside the " +
+                 std::to_string(nbr) + " x " + std::to_string(nbc) + " block grid");
+  }
+  if (nse == 0) return ffi::Error::Success();
+  SddmmArgs args{u.untyped_data(), v.untyped_data(), R, C, out->untyped_data(),
+                 bm, bn, j, dtype};
+  const KernelTable* k = table_for(g_isa.load());
+  const int64_t parts = std::min<int64_t>(nse, pool_parts(pool));
+  parallel_for(pool, parts, [&](int64_t c) {
+    k->sddmm(args, nse * c / parts, nse * (c + 1) / parts);
+  });
+  return ffi::Error::Success();
+}
+
+
+// ------------------------------------------------------------------ N:M product
+// values (vr, vc), packed (vr, pbytes) uint8 -> y. ``axis``: the grouped axis of the
+// dense matrix W; ``transpose``: W.T @ X. The dense shape is (vr / n * m, vc) for
+// axis 0 and (vr, vc / n * m) for axis 1.
+ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::U8> packed,
+                  ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t m,
+                  int64_t axis, bool transpose) {
+  Elem dtype;
+  if (auto e = elem_of(values.element_type(), &dtype, "values"); e.failure()) return e;
+  if (x.element_type() != values.element_type() || y->element_type() != values.element_type())
+    return bad("values, x and the output must share one dtype");
+  auto vd = values.dimensions();
+  auto pd = packed.dimensions();
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (vd.size() != 2 || pd.size() != 2 || xd.size() != 2 || yd.size() != 2)
+    return bad("bad operand ranks");
+  if (n <= 0 || m <= n || m > 256 || (axis != 0 && axis != 1)) return bad("bad n, m or axis");
+  const int64_t vr = vd[0], vc = vd[1], ncols = xd[1];
+  const int64_t bits = m <= 4 ? 2 : m <= 16 ? 4 : 8, per = 8 / bits;
+  const int64_t pbytes = (vc + per - 1) / per;
+  if (pd[0] != vr || pd[1] != pbytes) return bad("packed positions of the wrong shape");
+  const int64_t grouped_len = axis == 1 ? vc : vr;
+  if (grouped_len % n != 0) return bad("values not a whole number of groups");
+  const int64_t rows = axis == 1 ? vr : vr / n * m, cols = axis == 1 ? vc / n * m : vc;
+  const int64_t in_rows = transpose ? rows : cols, out_rows = transpose ? cols : rows;
+  if (xd[0] != in_rows || yd[0] != out_rows || yd[1] != ncols)
+    return bad("x or the output has the wrong shape");
+  // Every position field must be < m (a field can hold up to 2**bits - 1): checked a
+  // byte at a time against a table of the valid bytes.
+  bool valid[256];
+  for (int b = 0; b < 256; ++b) {
+    valid[b] = true;
+    for (int64_t f = 0; f < per; ++f)
+      if (((b >> (bits * f)) & ((1 << bits) - 1)) >= m) valid[b] = false;
+  }
+  const uint8_t* P = packed.typed_data();
+  const int64_t nbytes = vr * pbytes;
+  for (int64_t e = 0; e < nbytes; ++e) {
+    if (!valid[P[e]])
+      return bad("corrupted N:M positions: a position >= m = " + std::to_string(m) +
+                 " in packed row " + std::to_string(e / pbytes));
+  }
+  if (ncols == 0 || out_rows == 0) return ffi::Error::Success();
+  NmArgs args{values.untyped_data(), P, x.untyped_data(), y->untyped_data(), vr, vc, n, m,
+              bits, pbytes, ncols, axis == 0, dtype};
+  const KernelTable* k = table_for(g_isa.load());
+  const bool gather = (axis == 1) != transpose;
+  const int64_t items = gather ? out_rows : out_rows / m;  // output rows or groups
+  const int64_t parts = std::min<int64_t>(items, pool_parts(pool));
+  parallel_for(pool, parts, [&](int64_t c) {
+    const int64_t i0 = items * c / parts, i1 = items * (c + 1) / parts;
+    if (gather)
+      k->nm_rows(args, i0, i1);
+    else
+      k->nm_cols(args, i0, i1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jsparse_native
+
+// Exported (the library is built with -fvisibility=hidden).
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsparse_bcsr_spmm, jsparse_native::BcsrSpmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("transpose"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsparse_bcsr_sddmm, jsparse_native::BcsrSddmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsparse_nm_spmm, jsparse_native::NmSpmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("axis")
+                                  .Attr<bool>("transpose"));
+
+// ------------------------------------------------------------------ ctypes controls
+extern "C" {
+// The ISA the kernels use now / the best this CPU runs: 0 generic, 1 avx2, 2 avx512.
+int jsparse_native_isa() { return jsparse_native::g_isa.load(); }
+int jsparse_native_best_isa() { return jsparse_native::kBestIsa; }
+// Force an ISA (clamped to what the CPU runs); returns the one now in use.
+int jsparse_native_set_isa(int isa) {
+  const int v = std::max(0, std::min(isa, jsparse_native::kBestIsa));
+  jsparse_native::g_isa.store(v);
+  return v;
+}
+// Cap the threads a call uses (0: all of XLA's pool).
+void jsparse_native_set_max_threads(int n) { jsparse_native::g_max_threads.store(std::max(0, n)); }
+int jsparse_native_max_threads() { return jsparse_native::g_max_threads.load(); }
+int jsparse_native_last_threads() { return jsparse_native::g_last_threads.load(); }
+}
+#pragma GCC visibility pop

@@ -1,0 +1,332 @@
+"""The native CPU kernels (``impl="cpu"``, jsparse_native) against dense references.
+
+Every op also runs through ``impl="cpu"`` in the shared oracle suite
+(tests/test_oracle.py iterates over the registered implementations); this file covers
+what is particular to the native kernels: every instruction set this CPU runs, block
+shapes that are not multiples of the register tiles, empty rows and patterns, bounds
+checks on corrupted indices under ``jit``, the thread split, the ``auto`` choice and
+the fallback without the extension.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import jsparse
+import jsparse_native
+from jsparse.core import product
+from jsparse.formats.bcsr import cpu as bcsr_cpu
+from jsparse.formats.bcsr.cpu import CPU_KERNELS
+from jsparse.formats.nm.cpu import CPU_KERNELS as NM_KERNELS
+
+from oracle import assert_close
+
+ISAS = jsparse_native.supported_isas()
+
+
+def test_extension_is_built_and_registered():
+    assert jsparse_native.available(), jsparse_native.load_error()
+    assert jsparse_native.isa() in ISAS
+    assert "cpu" in jsparse.implementations("matmul", jsparse.BCSR)
+    assert "cpu" in jsparse.implementations("sddmm", jsparse.BCSR)
+    assert "cpu" in jsparse.implementations("matmul", jsparse.NM)
+
+
+def _bcsr(rng, grid, block_shape, density, dtype, empty_rows=()):
+    """A random BCSR on a ``grid`` of blocks; ``empty_rows`` block-rows hold nothing."""
+    nbr, nbc = grid
+    bm, bn = block_shape
+    mask = rng.random(grid) < density
+    mask[list(empty_rows), :] = False
+    dense = rng.standard_normal((nbr * bm, nbc * bn)).astype(np.float32)
+    dense *= np.kron(mask, np.ones(block_shape, np.float32))
+    a = jsparse.BCSR.fromdense(jnp.asarray(dense, dtype), block_shape=block_shape)
+    return a, np.asarray(a.todense(), np.float64)
+
+
+def _products(a, x, xt, u, v):
+    cfg, pat = a.kernel_config, a.pattern
+    return (
+        product.spmm(CPU_KERNELS, cfg, False, a.data, pat, x),
+        product.spmm(CPU_KERNELS, cfg, True, a.data, pat, xt),
+        product.sample(CPU_KERNELS, cfg, pat, u, v),
+    )
+
+
+_products_jit = jax.jit(_products)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+@given(
+    bm=st.sampled_from([1, 2, 3, 8, 9, 16, 17, 32]),
+    bn=st.sampled_from([1, 2, 5, 8, 16, 33]),
+    grid=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    density=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    n=st.sampled_from([1, 3, 8, 16, 37, 64]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    empty_first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_match_dense_on_every_isa(bm, bn, grid, density, n, dtype, empty_first, seed):
+    rng = np.random.default_rng(seed)
+    a, w = _bcsr(rng, grid, (bm, bn), density, dtype, empty_rows=(0,) if empty_first else ())
+    m, k = w.shape
+
+    def operand(rows, cols):
+        return jnp.asarray(rng.standard_normal((rows, cols)), dtype)
+
+    x, xt, u, v = operand(k, n), operand(m, n), operand(m, n), operand(k, n)
+    f64 = [np.asarray(t, np.float64) for t in (x, xt, u, v)]
+    expected = (w @ f64[0], w.T @ f64[1], (f64[2] @ f64[3].T) * (w != 0))
+    for isa in ISAS:
+        with jsparse_native.forced_isa(isa):
+            y, yt, s = _products_jit(a, x, xt, u, v)
+        assert y.dtype == yt.dtype == s.dtype == dtype
+        assert_close(y, expected[0], dtype, k, err_msg=f"A @ X on {isa}")
+        assert_close(yt, expected[1], dtype, m, err_msg=f"A.T @ X on {isa}")
+        # The SDDMM at the stored blocks, scattered back to a dense matrix.
+        dense_s = np.asarray(a.with_values(s.astype(jnp.float32)).todense(), np.float64)
+        assert_close(dense_s, expected[2], dtype, n, err_msg=f"SDDMM on {isa}")
+
+
+def test_wide_operand_covers_every_tile_path():
+    """Widths past one register panel and a column tail, on every ISA, both orientations."""
+    rng = np.random.default_rng(0)
+    a, w = _bcsr(rng, (3, 2), (16, 32), 0.6, jnp.float32, empty_rows=(1,))
+    x = jnp.asarray(rng.standard_normal((64, 211)), jnp.float32)
+    xt = jnp.asarray(rng.standard_normal((48, 211)), jnp.float32)
+    for isa in ISAS:
+        with jsparse_native.forced_isa(isa):
+            y, yt, _ = _products_jit(a, x, xt, xt, x)
+        assert_close(y, w @ np.asarray(x, np.float64), jnp.float32, 64, err_msg=isa)
+        assert_close(yt, w.T @ np.asarray(xt, np.float64), jnp.float32, 48, err_msg=isa)
+
+
+def test_verbs_jit_grad_jvp_vmap_through_cpu():
+    a = jsparse.BCSR.random(jax.random.key(0), (48, 32), density=0.4, block_shape=(8, 16))
+    x = jax.random.normal(jax.random.key(1), (32, 5))
+    w = a.todense()
+
+    def f(a, x):
+        return jsparse.matmul(a, x, impl="cpu")
+
+    assert_close(jax.jit(f)(a, x), w @ x, jnp.float32, 32)
+    ga, gx = jax.grad(lambda a, x: jnp.sum(f(a, x) ** 2), argnums=(0, 1), allow_int=True)(a, x)
+    gw, gx_ref = jax.grad(lambda w, x: jnp.sum((w @ x) ** 2), argnums=(0, 1))(w, x)
+    assert_close(a.with_values(ga.data).todense(), gw * (w != 0), jnp.float32, 48)
+    assert_close(gx, gx_ref, jnp.float32, 48)
+    _, tangent = jax.jvp(lambda x: f(a, x), (x,), (jnp.ones_like(x),))
+    assert_close(tangent, w @ jnp.ones_like(x), jnp.float32, 32)
+    xs = jax.random.normal(jax.random.key(2), (3, 32, 4))
+    assert_close(jax.vmap(lambda x: f(a, x))(xs), jnp.einsum("ik,bkn->bin", w, xs), jnp.float32, 32)
+    u, v = (
+        jax.random.normal(jax.random.key(3), (48, 6)),
+        jax.random.normal(jax.random.key(4), (6, 32)),
+    )
+    out = jsparse.sddmm(u, v, a, impl="cpu")
+    assert_close(out.todense(), (u @ v) * (w != 0), jnp.float32, 6)
+
+
+def test_new_pattern_does_not_recompile():
+    f = jax.jit(lambda a, x: jsparse.matmul(a, x, impl="cpu"))
+    x = jnp.ones((32, 3))
+    for seed in range(3):
+        a = jsparse.BCSR.random(jax.random.key(seed), (32, 32), density=0.5, block_shape=(8, 8))
+        assert_close(f(a, x), a.todense() @ x, jnp.float32, 32)
+    assert f._cache_size() == 1
+
+
+def test_auto_picks_the_native_kernels_on_cpu():
+    a = jsparse.BCSR.random(jax.random.key(0), (64, 64), density=0.1, block_shape=(16, 16))
+    x = jnp.ones((64, 8))
+    hlo = jax.jit(lambda a, x: a @ x).lower(a, x).as_text()
+    assert "jsparse_bcsr_spmm" in hlo
+    grad_hlo = jax.jit(jax.grad(lambda a: jnp.sum(a @ x), allow_int=True)).lower(a).as_text()
+    assert "jsparse_bcsr_sddmm" in grad_hlo
+    with jax.enable_x64(True):  # float64 is not native: auto takes "xla"
+        a64 = a.astype(jnp.float64)
+        assert "jsparse_bcsr" not in jax.jit(lambda a, x: a @ x).lower(a64, x).as_text()
+        with pytest.raises(ValueError, match="float32 or bfloat16, got float64"):
+            jsparse.matmul(a64, x, impl="cpu")
+
+
+# ------------------------------------------------------------------ bounds safety
+def _corrupt(field, value):
+    """A jitted A @ X (or A.T @ X / SDDMM) whose pattern field is replaced in the trace,
+    where construction-time validation cannot see it."""
+
+    def run(a, x, bad):
+        pat = a.pattern._replace(**{field: bad})
+        cfg = a.kernel_config
+        if field in ("col_ptr", "col_order"):
+            return product.spmm(CPU_KERNELS, cfg, True, a.data, pat, x)
+        if field == "row_ids":
+            return product.sample(CPU_KERNELS, cfg, pat, x, x)
+        return product.spmm(CPU_KERNELS, cfg, False, a.data, pat, x)
+
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize(
+    "field,edit,match",
+    [
+        ("indices", lambda t: t.at[0].set(10**6), "corrupted block index"),
+        ("indices", lambda t: t.at[-1].set(-1), "corrupted block index"),
+        ("indptr", lambda t: t.at[1].set(10**6), "corrupted block pointer"),
+        ("indptr", lambda t: t.at[1].set(-5), "corrupted block pointer"),
+        ("col_ptr", lambda t: t.at[-1].set(10**6), "corrupted block pointer"),
+        ("col_order", lambda t: t.at[0].set(10**6), "corrupted block order"),
+        ("col_order", lambda t: t.at[0].set(t[-1]), "transposed view disagrees"),
+        ("row_ids", lambda t: t.at[0].set(-3), "corrupted block coordinates"),
+    ],
+)
+def test_corrupted_indices_raise_instead_of_reading_out_of_bounds(field, edit, match):
+    a = jsparse.BCSR.random(jax.random.key(0), (32, 32), density=0.5, block_shape=(8, 8))
+    x = jnp.ones((32, 4))
+    f = _corrupt(field, None)
+    bad = edit(getattr(a.pattern, field))
+    with pytest.raises(Exception, match=match):
+        jax.block_until_ready(f(a, x, bad))
+    # the same compiled function runs the intact pattern
+    ok = jax.block_until_ready(f(a, x, getattr(a.pattern, field)))
+    assert np.all(np.isfinite(np.asarray(ok)))
+
+
+# ------------------------------------------------------------------ threads, ISA controls
+def test_thread_split_gives_the_same_result():
+    a = jsparse.BCSR.random(jax.random.key(0), (256, 256), density=0.3, block_shape=(16, 16))
+    x = jax.random.normal(jax.random.key(1), (256, 64))
+    f = jax.jit(lambda a, x: jsparse.matmul(a, x, impl="cpu"))
+    previous = jsparse_native.set_max_threads(1)
+    try:
+        one = np.asarray(f(a, x))
+        assert jsparse_native.last_threads() == 1
+        jsparse_native.set_max_threads(0)
+        all_threads = np.asarray(f(a, x))
+        assert jsparse_native.last_threads() >= 1
+    finally:
+        jsparse_native.set_max_threads(previous)
+    np.testing.assert_array_equal(one, all_threads)  # the split never changes a sum's order
+
+
+def test_isa_controls_reject_bad_names():
+    with pytest.raises(ValueError, match="isa must be one of"):
+        jsparse_native.set_isa("sse9")
+    with pytest.raises(ValueError, match="n must be an int"):
+        jsparse_native.set_max_threads(-1)
+    assert jsparse_native.best_isa() == ISAS[-1]
+
+
+def test_missing_extension_falls_back_to_xla_with_one_warning(monkeypatch):
+    monkeypatch.setattr(jsparse_native, "available", lambda: False)
+    monkeypatch.setattr(jsparse_native, "load_error", lambda: "not built (test)")
+    monkeypatch.setattr(bcsr_cpu, "_WARNED", False)
+    a = jsparse.BCSR.random(jax.random.key(0), (16, 16), density=0.5, block_shape=(4, 4))
+    x = jnp.ones((16, 2))
+    with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable"):
+        y = jsparse.matmul(a, x, impl="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jsparse.matmul(a, 2 * x, impl="cpu")  # no second warning
+    assert (
+        "jsparse_bcsr"
+        not in jax.jit(lambda a, x: jsparse.matmul(a, x, impl="cpu")).lower(a, x).as_text()
+    )
+    assert_close(y, a.todense() @ x, jnp.float32, 16)
+
+
+# ------------------------------------------------------------------ N:M
+def _nm(rng, n, m, axis, groups, other, dtype):
+    shape = (groups * m, other) if axis == 0 else (other, groups * m)
+    dense = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    a = jsparse.NM.fromdense(dense.astype(dtype), n=n, m=m, axis=axis)
+    return a, np.asarray(a.todense(), np.float64)
+
+
+def _nm_products(a, x, xt):
+    cfg = a.kernel_config
+    return (
+        product.spmm(NM_KERNELS, cfg, False, a.values, a.positions, x),
+        product.spmm(NM_KERNELS, cfg, True, a.values, a.positions, xt),
+    )
+
+
+_nm_products_jit = jax.jit(_nm_products)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+@given(
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (5, 8), (3, 5), (4, 16), (7, 20)]),
+    axis=st.sampled_from([0, 1]),
+    groups=st.integers(1, 5),
+    other=st.sampled_from([1, 3, 8, 17]),
+    ncols=st.sampled_from([1, 2, 16, 37, 64]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_nm_products_match_dense_on_every_isa(nm, axis, groups, other, ncols, dtype, seed):
+    n, m = nm
+    rng = np.random.default_rng(seed)
+    a, w = _nm(rng, n, m, axis, groups, other, dtype)
+    rows, cols = w.shape
+    x = jnp.asarray(rng.standard_normal((cols, ncols)), dtype)
+    xt = jnp.asarray(rng.standard_normal((rows, ncols)), dtype)
+    for isa in ISAS:
+        with jsparse_native.forced_isa(isa):
+            y, yt = _nm_products_jit(a, x, xt)
+        assert y.dtype == yt.dtype == dtype
+        assert_close(y, w @ np.asarray(x, np.float64), dtype, cols, err_msg=f"W @ X on {isa}")
+        assert_close(yt, w.T @ np.asarray(xt, np.float64), dtype, rows, err_msg=f"W.T @ X {isa}")
+
+
+def test_nm_grad_and_vmap_through_cpu():
+    a = jsparse.NM.random(jax.random.key(0), (8, 16), n=2, m=4, axis=1)
+    x = jax.random.normal(jax.random.key(1), (16, 3))
+    w = a.todense()
+    f = lambda a, x: jsparse.matmul(a, x, impl="cpu")  # noqa: E731
+    ga, gx = jax.jit(jax.grad(lambda a, x: jnp.sum(f(a, x) ** 2), argnums=(0, 1), allow_int=True))(
+        a, x
+    )
+    gw, gx_ref = jax.grad(lambda w, x: jnp.sum((w @ x) ** 2), argnums=(0, 1))(w, x)
+    assert_close(a.with_values(ga.values).todense(), gw * (w != 0), jnp.float32, 16)
+    assert_close(gx, gx_ref, jnp.float32, 16)
+    xs = jax.random.normal(jax.random.key(2), (2, 16, 4))
+    assert_close(jax.vmap(lambda x: f(a, x))(xs), jnp.einsum("ik,bkn->bin", w, xs), jnp.float32, 16)
+
+
+def test_nm_corrupted_positions_raise():
+    # m = 3 packs positions in 2 bits: a field of 3 is representable but out of range.
+    a = jsparse.NM.random(jax.random.key(0), (4, 12), n=1, m=3, axis=1)
+    x = jnp.ones((12, 2))
+    f = jax.jit(lambda a, x, p: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
+    bad = a.positions.at[0, 0].set(jnp.uint8(0b11))
+    with pytest.raises(Exception, match="corrupted N:M positions"):
+        jax.block_until_ready(f(a, x, bad))
+    assert_close(f(a, x, a.positions), a.todense() @ x, jnp.float32, 12)
+
+
+@pytest.mark.parametrize("fmt", ["bcsr", "nm"])
+def test_nan_reaches_only_stored_entries(fmt):
+    """An unstored entry contributes nothing, even against a NaN of X."""
+    if fmt == "bcsr":
+        d = jnp.zeros((4, 4)).at[:2, :2].set(1.0)
+        a = jsparse.BCSR.fromdense(d, block_shape=(2, 2))
+    else:
+        d = jnp.array([[1.0, 2.0, 0.0, 0.0]] * 2)
+        a = jsparse.NM.fromdense(d, n=2, m=4)
+    x = jnp.ones((4, 1)).at[3, 0].set(jnp.nan)
+    y = np.asarray(jsparse.matmul(a, x, impl="cpu"))
+    assert np.all(np.isfinite(y)), y
