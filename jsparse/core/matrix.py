@@ -116,8 +116,9 @@ class AbstractSparseMatrix(metaclass=_FormatMeta):
         # A stacked matrix's own todense/transpose would fail with an unpacking error:
         # give the clear one instead.
         for name in ("todense", "transpose"):
-            if name in cls.__dict__ and not getattr(cls.__dict__[name], "__isabstractmethod__",
-                                                    False):
+            if name in cls.__dict__ and not getattr(
+                cls.__dict__[name], "__isabstractmethod__", False
+            ):
                 setattr(cls, name, _unstacked_only(cls.__dict__[name]))
 
     # NumPy operands defer to our reflected operators (``np_array @ sparse``).

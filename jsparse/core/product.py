@@ -28,8 +28,13 @@ which supports reverse mode only:
 * **batching**: a batch of ``x`` alone is folded into its columns (one product);
   any other batched operand is a ``lax.map`` over the primitive (so the body stays
   differentiable);
-* **abstract eval**: the kernel's own ``eval_shape`` (cached); **lowering**:
-  ``mlir.lower_fun`` of the kernel call.
+* **abstract eval**: the kernel's own ``eval_shape`` (cached, traced outside any
+  mesh); **lowering**: ``mlir.lower_fun`` of the kernel call;
+* **meshes** (:mod:`jsparse.core.meshes`): inside ``jax.shard_map`` the operands vary
+  alike and the kernel is lowered as code of one device; on explicit mesh axes that
+  shard only the dense operand's batch, each device multiplies its own columns (the
+  values' cotangent: one all-reduce the size of the stored values); other explicit
+  shardings run with the axes made automatic (XLA partitions the kernel).
 
 The transposes call the kernel bundle themselves: Pallas kernels have no autodiff
 rules and JAX cannot transpose them. Kernels, config, ``transpose`` and the pattern's
@@ -51,6 +56,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import PartitionSpec as P
+
+from jsparse.core import meshes
 
 # ``spmm_p`` and ``sample_p`` (the primitives) are importable for JAX-level work.
 __all__ = ["ProductKernels", "sample", "spmm"]
@@ -134,9 +142,17 @@ def spmm(
       True
     """
     leaves, tree = jax.tree.flatten(pattern)
-    return spmm_p.bind(
-        values, *leaves, x, kernels=kernels, config=config, transpose=transpose, tree=tree
-    )
+    params = dict(kernels=kernels, config=config, transpose=transpose, tree=tree)
+    args = (values, *leaves, x)
+    rows, cols = meshes.spec_of(x)
+    mesh = meshes.explicit_mesh(args)
+    if mesh is not None and _batch_only(args[:-1], rows, cols):
+        # Data parallel: each device multiplies its own columns of x; no collective.
+        local = functools.partial(_bind, spmm_p, params=params, out_spec=None)
+        specs = [P()] * len(leaves) + [P(), P(None, cols)]
+        return meshes.batch_parallel(local, args, mesh, specs, P(None, cols))
+    # x's columns (the batch in x @ A) keep their sharding; the rows are A's.
+    return _bind(spmm_p, *args, params=params, out_spec=P(None, cols))
 
 
 def sample(kernels: ProductKernels, config: Hashable, pattern, u: jax.Array, v: jax.Array):
@@ -169,7 +185,33 @@ def sample(kernels: ProductKernels, config: Hashable, pattern, u: jax.Array, v: 
       ((2, 2, 2), 3.0)
     """
     leaves, tree = jax.tree.flatten(pattern)
-    return sample_p.bind(u, v, *leaves, kernels=kernels, config=config, tree=tree)
+    params = dict(kernels=kernels, config=config, tree=tree)
+    args = (u, v, *leaves)
+    (u_rows, j), (v_rows, v_j) = meshes.spec_of(u), meshes.spec_of(v)
+    mesh = meshes.explicit_mesh(args)
+    if mesh is not None and j == v_j and _batch_only(leaves, u_rows, j) and v_rows is None:
+        # Data parallel (the values' gradient): each device samples its own columns
+        # and one all-reduce, the size of the stored values, sums them.
+        def local(*a):
+            return jax.lax.psum(_bind(sample_p, *a, params=params, out_spec=None), axes)
+
+        axes = tuple(meshes.axis_names(u))
+        specs = [P(None, j), P(None, j)] + [P()] * len(leaves)
+        return meshes.batch_parallel(local, args, mesh, specs, P())
+    return _bind(sample_p, *args, params=params, out_spec=P())  # values: replicated
+
+
+# --- meshes (jsparse.core.meshes): operands varying alike inside shard_map; on
+# explicit axes the kernels run with those axes automatic. ``op(A) @ x`` keeps the
+# sharding of x's columns (the batch of x @ A); a sample (values-shaped) is replicated.
+def _bind(prim, *args, params, out_spec):
+    args = meshes.vary_alike(args)
+    return meshes.on_auto_axes(lambda *a: prim.bind(*a, **params), args, out_spec)
+
+
+def _batch_only(operands, rows, cols) -> bool:
+    """Whether only the batch axis (``cols``) of the dense operand is sharded."""
+    return rows is None and cols is not None and not any(map(meshes.axis_names, operands))
 
 
 # --- implementations (eager, and lowered through the same function)
@@ -187,32 +229,36 @@ def _struct(aval):
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_shape(impl, params: tuple, avals: tuple):
-    out = jax.eval_shape(functools.partial(impl, **dict(params)), *map(_struct, avals))
-    return jax.core.ShapedArray(out.shape, out.dtype)
+def _cached_shape(impl, params: tuple, shapes: tuple):
+    with meshes.invariant_tracing():  # plain shapes, outside any mesh
+        out = jax.eval_shape(functools.partial(impl, **dict(params)), *shapes)
+    return out.shape, out.dtype
 
 
 def _abstract_eval(impl):
     """Abstract evaluation: the kernel's own output shape and dtype (``eval_shape``,
-    cached per static parameters and input shapes)."""
+    cached per static parameters and input shapes), varying over the manual axes
+    its operands vary over."""
 
     def rule(*avals, **params):
         key = tuple(sorted(params.items()))
+        shapes = tuple(map(_struct, avals))
         try:
-            hash((key, avals))
+            hash((key, shapes))
+            shape, dtype = _cached_shape(impl, key, shapes)
         except TypeError:  # an unhashable (e.g. symbolic) shape: no cache
-            return _cached_shape.__wrapped__(impl, key, avals)
-        return _cached_shape(impl, key, avals)
+            shape, dtype = _cached_shape.__wrapped__(impl, key, shapes)
+        return meshes.varying_result(shape, dtype, avals)
 
     return rule
 
 
 spmm_p.def_impl(_spmm_impl)
 spmm_p.def_abstract_eval(_abstract_eval(_spmm_impl))
-mlir.register_lowering(spmm_p, mlir.lower_fun(_spmm_impl, multiple_results=False))
+mlir.register_lowering(spmm_p, meshes.invariant_lowering(_spmm_impl))
 sample_p.def_impl(_sample_impl)
 sample_p.def_abstract_eval(_abstract_eval(_sample_impl))
-mlir.register_lowering(sample_p, mlir.lower_fun(_sample_impl, multiple_results=False))
+mlir.register_lowering(sample_p, meshes.invariant_lowering(_sample_impl))
 
 
 # --- JVPs: bilinear, so the tangent is the sum of two calls of the same primitive

@@ -240,7 +240,10 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
     Raises:
       ValueError: ``impl`` is not registered for this op and format, or no
         implementation (for ``auto``) / not ``impl`` (explicit) handles the
-        configuration on any platform; the message gives every reason.
+        configuration on any platform; the message gives every reason. An explicit
+        ``impl`` that handles the configuration on some platforms only raises it
+        when the program is lowered for one of the others (``jit`` on that device,
+        ``.lower``, ``jax.export``), naming that platform and the reason.
 
     Example:
       >>> import jax.numpy as jnp, jsparse
@@ -263,6 +266,14 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
                 f"impl={impl!r} cannot run {op} for {fmt.__name__} with these arguments: "
                 + "; ".join(dict.fromkeys(reasons.values()))
             )
+        # Platforms whose check failed raise the reason when lowered for (a kernel
+        # that fits the interpreter may not fit an H100's shared memory).
+        like = next(iter(branches.values()))
+        for platform, reason in reasons.items():
+            message = (
+                f"impl={impl!r} cannot run {op} for {fmt.__name__} on {platform}: {reason}"
+            )
+            branches[platform] = on_platform(platform, _refusal(message), shapes_like=like)
         return _stage(branches, args, kwargs)
     branches, reasons = _resolve(op, fmt, table, _per_platform(auto_order), args, kwargs)
     if not branches:
@@ -271,6 +282,13 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
             + "; ".join(dict.fromkeys(reasons.values()))
         )
     return _stage(branches, args, kwargs)
+
+
+def _refusal(message: str) -> Callable[..., Any]:
+    def refuse(*args, **kwargs):
+        raise ValueError(message)
+
+    return refuse
 
 
 def _per_platform(auto_order: AutoOrder) -> dict[str, list[str]]:
@@ -329,7 +347,11 @@ _on_platform_p.multiple_results = True
 
 
 def on_platform(
-    platform: str, fn: Callable[..., Any], *, export_fallback: Callable[..., Any] | None = None
+    platform: str,
+    fn: Callable[..., Any],
+    *,
+    export_fallback: Callable[..., Any] | None = None,
+    shapes_like: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """``fn`` (arrays in, arrays out) marked as code for ``platform`` only.
 
@@ -341,6 +363,10 @@ def on_platform(
     for another platform alone, it raises. Keyword arguments are static. ``vmap``
     works; differentiate around it (``custom_vjp``), not through it.
 
+    ``fn`` is traced only when lowered for ``platform`` (or run eagerly): the call's
+    result types come from ``shapes_like`` or ``export_fallback`` when given, so a
+    program for another platform never traces a kernel that will not run there.
+
     Args:
       platform: one of :data:`PLATFORMS`.
       fn: a function of arrays (pytrees of arrays) returning arrays.
@@ -348,12 +374,16 @@ def on_platform(
         replaces it when lowering for ``jax.export`` (for kernels whose compiled form
         has no export compatibility guarantee, such as Triton's: JAX refuses to
         serialize them).
+      shapes_like: a function with ``fn``'s signature and result shapes and dtypes
+        (a reference implementation), traced instead of ``fn`` to type the call
+        (default: ``export_fallback``, else ``fn`` itself).
 
     Returns:
       The wrapped function, with ``fn``'s signature.
 
     Raises:
-      ValueError: an unknown ``platform``, or a fallback whose results differ in shape.
+      ValueError: an unknown ``platform``, or (when ``fn`` is traced) a fallback whose
+        results differ in shape.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -368,55 +398,91 @@ def on_platform(
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         leaves, in_tree = jax.tree.flatten(args)
-
-        def flat(f):
-            return lambda *xs: jax.tree.leaves(f(*jax.tree.unflatten(in_tree, xs), **kwargs))
-
-        closed = jax.make_jaxpr(flat(fn))(*leaves)
-        out_tree = jax.tree.structure(
-            jax.eval_shape(lambda *xs: fn(*jax.tree.unflatten(in_tree, xs), **kwargs), *leaves)
+        kernel = _Flat(fn, in_tree, tuple(sorted(kwargs.items())))
+        fallback = None if export_fallback is None else kernel.replace(export_fallback)
+        # The result types come from a reference when there is one, so that ``fn``
+        # is traced only when lowered for its own platform (or run eagerly).
+        reference = shapes_like or export_fallback
+        shapes_from = kernel if reference is None else kernel.replace(reference)
+        out_avals, out_tree = shapes_from.result_types(leaves)
+        outs = _on_platform_p.bind(
+            *leaves, kernel=kernel, platform=platform, fallback=fallback, out_avals=out_avals
         )
-        fallback = None
-        if export_fallback is not None:
-            fallback = jax.make_jaxpr(flat(export_fallback))(*leaves)
-            got = [a.shape for a in fallback.out_avals]
-            want = [a.shape for a in closed.out_avals]
-            if got != want:
-                raise ValueError(
-                    f"on_platform: the export fallback returns shapes {got}, the kernel {want}"
-                )
-        outs = _on_platform_p.bind(*leaves, jaxpr=closed, platform=platform, fallback=fallback)
         return jax.tree.unflatten(out_tree, outs)
 
     return wrapped
 
 
-def _on_platform_impl(*args, jaxpr, platform, fallback):
-    del platform, fallback
-    return jex_core.jaxpr_as_fun(jaxpr)(*args)
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Flat:
+    """A function of pytrees with static keyword arguments, called on flat leaves."""
+
+    fn: Callable[..., Any]
+    in_tree: Any
+    kwargs: tuple
+
+    def replace(self, fn):
+        return dataclasses.replace(self, fn=fn)
+
+    def __call__(self, *leaves):
+        args = jax.tree.unflatten(self.in_tree, leaves)
+        return jax.tree.leaves(self.fn(*args, **dict(self.kwargs)))
+
+    def result_types(self, leaves):
+        structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+        out = jax.eval_shape(
+            lambda *xs: self.fn(*jax.tree.unflatten(self.in_tree, xs), **dict(self.kwargs)),
+            *structs,
+        )
+        avals = tuple(jax.core.ShapedArray(o.shape, o.dtype) for o in jax.tree.leaves(out))
+        return avals, jax.tree.structure(out)
 
 
-def _on_platform_abstract_eval(*args, jaxpr, platform, fallback):
-    del args, platform, fallback
-    return jaxpr.out_avals
+def _checked(kernel, fallback, out_avals):
+    """``kernel``, after checking that it returns the shapes its fallback promised."""
+    if fallback is None:
+        return kernel
+
+    def run(*xs):
+        outs = kernel(*xs)
+        got = [tuple(a.shape) for a in out_avals]
+        want = [tuple(jnp.shape(o)) for o in outs]
+        if got != want:
+            raise ValueError(
+                f"on_platform: the export fallback returns shapes {got}, the kernel {want}"
+            )
+        return outs
+
+    return run
 
 
-def _on_platform_lowering(lowering_platform, ctx, *args, jaxpr, platform, fallback):
+def _on_platform_impl(*args, kernel, platform, fallback, out_avals):
+    del platform
+    return _checked(kernel, fallback, out_avals)(*args)
+
+
+def _on_platform_abstract_eval(*args, kernel, platform, fallback, out_avals):
+    del args, kernel, platform, fallback
+    return out_avals
+
+
+def _on_platform_lowering(lowering_platform, ctx, *args, kernel, platform, fallback, out_avals):
     if platform != lowering_platform:
-        return _placeholder_lowering(ctx, *args, jaxpr=jaxpr, platform=platform, fallback=None)
-    fn = jex_core.jaxpr_as_fun(jaxpr)
+        return _placeholder_lowering(
+            ctx, *args, kernel=kernel, platform=platform, fallback=None, out_avals=out_avals
+        )
+    fn = _checked(kernel, fallback, out_avals)
     if fallback is not None and ctx.module_context.lowering_parameters.for_export:
-        dtypes = [a.dtype for a in jaxpr.out_avals]
-        inner = jex_core.jaxpr_as_fun(fallback)
+        dtypes = [a.dtype for a in out_avals]
 
         def fn(*xs):
-            return [y.astype(d) for y, d in zip(inner(*xs), dtypes, strict=True)]
+            return [y.astype(d) for y, d in zip(fallback(*xs), dtypes, strict=True)]
 
     return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
 
-def _placeholder_lowering(ctx, *args, jaxpr, platform, fallback):
-    del fallback
+def _placeholder_lowering(ctx, *args, kernel, platform, fallback, out_avals):
+    del kernel, fallback
     platforms = ctx.module_context.platforms
     if len(platforms) == 1:
         raise ValueError(
@@ -428,24 +494,28 @@ def _placeholder_lowering(ctx, *args, jaxpr, platform, fallback):
     def nans(*_):
         return [
             jnp.full(a.shape, jnp.nan if jnp.issubdtype(a.dtype, jnp.inexact) else 0, a.dtype)
-            for a in jaxpr.out_avals
+            for a in out_avals
         ]
 
     return mlir.lower_fun(nans, multiple_results=True)(ctx, *args)
 
 
-def _on_platform_batch(args, dims, *, jaxpr, platform, fallback):
+def _on_platform_batch(args, dims, *, kernel, platform, fallback, out_avals):
     in_axes = list(dims)  # None: not mapped
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
 
-    def batched(closed):
-        f = jex_core.jaxpr_as_fun(closed)
-        return jax.vmap(lambda *xs: f(*xs), in_axes=in_axes)
+    def batched(flat):
+        vmapped = jax.vmap(lambda *xs: flat(*xs), in_axes=in_axes)
+        return _Flat(vmapped, jax.tree.structure(tuple(args)), ())
 
-    outs = on_platform(
-        platform,
-        batched(jaxpr),
-        export_fallback=None if fallback is None else batched(fallback),
-    )(*args)
+    out_avals = tuple(jax.core.ShapedArray((size, *a.shape), a.dtype) for a in out_avals)
+    outs = _on_platform_p.bind(
+        *args,
+        kernel=batched(kernel),
+        platform=platform,
+        fallback=None if fallback is None else batched(fallback),
+        out_avals=out_avals,
+    )
     return outs, [0] * len(outs)
 
 

@@ -19,7 +19,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from jsparse.core import meshes
 from jsparse.core.matrix import AbstractSparseMatrix
 from jsparse.core.registry import check_impl, run
 
@@ -135,7 +137,9 @@ def matmul(a, b, *, impl: str = "auto") -> jax.Array:
     check_impl(impl)
     if isinstance(b, AbstractSparseMatrix):
         b, a = _promote(b, a)
-        return _dense_at_sparse(a, b, impl)
+        spec = meshes.spec_of(a)  # x's leading axes keep their sharding
+        run = functools.partial(_dense_at_sparse, impl=impl)
+        return _on_mesh(run, a, b, spec, contracted=len(spec) - 1, out_spec=P(*spec[:-1], None))
     return jnp.matmul(a, b)
 
 
@@ -148,10 +152,30 @@ def _(a: AbstractSparseMatrix, b, *, impl: str = "auto") -> jax.Array:
             f"{type(b).__name__} {b.shape}); call .todense() on one operand"
         )
     a, b = _promote(a, b)
-    return _sparse_at_dense(a, b, impl)
+    spec = meshes.spec_of(b)  # the dense operand's axes but the contracted one keep theirs
+    out_spec = P(None) if b.ndim <= 1 else P(*spec[:-2], None, spec[-1])
+    run = functools.partial(_sparse_at_dense, impl=impl)
+    return _on_mesh(run, a, b, spec, contracted=max(len(spec) - 2, 0), out_spec=out_spec)
 
 
-def _sparse_at_dense(a: AbstractSparseMatrix, x: jax.Array, impl: str) -> jax.Array:
+def _on_mesh(run, a, b, spec, *, contracted, out_spec):
+    """``run(a, b)`` on sharded operands (:mod:`jsparse.core.meshes`): on explicit axes
+    that shard only the dense operand's batch axes, each device multiplies its own
+    rows (the format's cotangent is then summed by one all-reduce, the size of its
+    stored values); any other explicit sharding runs with the axes made automatic."""
+    mesh = meshes.explicit_mesh(jax.tree.leaves((a, b)))
+    sparse = a if isinstance(a, AbstractSparseMatrix) else b
+    if (
+        mesh is not None
+        and spec[contracted] is None
+        and not any(map(meshes.axis_names, jax.tree.leaves(sparse)))
+    ):
+        specs = [P() if o is sparse else P(*spec) for o in (a, b)]
+        return meshes.batch_parallel(run, (a, b), mesh, specs, out_spec)
+    return meshes.on_auto_axes(run, (a, b), out_spec)
+
+
+def _sparse_at_dense(a: AbstractSparseMatrix, x: jax.Array, *, impl: str) -> jax.Array:
     m, k = a.shape
     if x.ndim == 0:
         raise ValueError("matmul: the dense operand must have at least 1 dimension")
@@ -174,7 +198,7 @@ def _static(d) -> bool:
     return isinstance(d, int | np.integer)
 
 
-def _dense_at_sparse(x: jax.Array, a: AbstractSparseMatrix, impl: str) -> jax.Array:
+def _dense_at_sparse(x: jax.Array, a: AbstractSparseMatrix, *, impl: str) -> jax.Array:
     m, k = a.shape
     if x.ndim == 0:
         raise ValueError("matmul: the dense operand must have at least 1 dimension")
@@ -447,4 +471,3 @@ def validate(a: AbstractSparseMatrix) -> AbstractSparseMatrix:
     a._validate_static()
     a._check_indices_traced()
     return a
-

@@ -67,8 +67,10 @@ def kernels(backend: str, interpret: bool) -> ProductKernels:
         # Triton kernels have no export compatibility guarantee (JAX refuses to
         # serialize them): an export for CUDA runs the XLA kernels instead.
         xla = XLA_KERNELS if platform == "cuda" else ProductKernels(None, None)
-        spmm = on_platform(platform, spmm, export_fallback=xla.spmm)
-        sample = on_platform(platform, sample, export_fallback=xla.sample)
+        spmm = on_platform(platform, spmm, export_fallback=xla.spmm, shapes_like=XLA_KERNELS.spmm)
+        sample = on_platform(
+            platform, sample, export_fallback=xla.sample, shapes_like=XLA_KERNELS.sample
+        )
     return ProductKernels(spmm=spmm, sample=sample)
 
 
