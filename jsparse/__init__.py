@@ -4,7 +4,7 @@ Formats are pytrees you can ``jit``, ``vmap`` and ``grad`` through; matmuls with
 dense operand on either side have exact sparse gradients.
 """
 
-from jsparse import core, extend, formats, nn, train  # noqa: F401
+from jsparse import attention, checkpoint, core, extend, formats, nn, prune, train  # noqa: F401
 from jsparse.core import (
     AbstractSparseMatrix,
     add,
@@ -28,6 +28,8 @@ __all__ = [
     "LowRankSparse",
     "Monarch",
     "add",
+    "attention",
+    "checkpoint",
     "extend",
     "implementations",
     "is_nm",
@@ -35,6 +37,7 @@ __all__ = [
     "matmul",
     "nm_mask",
     "nn",
+    "prune",
     "scale",
     "sddmm",
     "todense",

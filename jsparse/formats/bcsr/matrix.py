@@ -157,22 +157,28 @@ class BCSR(AbstractSparseMatrix):
     def auto_order(self, op: str):
         """``impl="auto"`` order: dense above a density threshold that grows with the
         block size (docs/benchmarks.md), the XLA scan below it; Pallas in place of XLA
-        on GPU/TPU.
+        on GPU/TPU; on CPU the native kernels ahead of XLA (docs/native.md).
 
         Example:
           >>> import jax, jsparse
           >>> a = jsparse.BCSR.random(jax.random.key(0), (64, 64), density=0.1,
           ...                         block_shape=(32, 32))
-          >>> a.auto_order("matmul")["default"], a.auto_order("matmul")["cuda"]
-          (['xla', 'dense'], ['pallas', 'xla', 'dense'])
+          >>> a.auto_order("matmul")["cpu"], a.auto_order("matmul")["cuda"]
+          (['cpu', 'xla', 'dense'], ['pallas', 'xla', 'dense'])
         """
         from jsparse.core.registry import with_pallas
 
         if op == "matmul" and self.density > _dense_threshold(self.block_shape):
-            return with_pallas(["dense", "xla"])
-        if op in ("matmul", "sddmm"):
-            return with_pallas(["xla", "dense"])
-        return ["xla"]
+            order = with_pallas(["dense", "xla"])
+        elif op in ("matmul", "sddmm"):
+            order = with_pallas(["xla", "dense"])
+        else:
+            return ["xla"]
+        # On CPU the native kernels (docs/native.md) go ahead of "xla", with their own
+        # (higher) density threshold for "dense".
+        native_dense = op == "matmul" and self.density > _native_dense_threshold(self.block_shape)
+        order["cpu"] = ["dense", "cpu", "xla"] if native_dense else ["cpu", "xla", "dense"]
+        return order
 
     # ------------------------------------------------------------ validation
     def _validate_static(self) -> None:
@@ -696,6 +702,19 @@ def _dense_threshold(block_shape: tuple[int, int]) -> float:
     if elements >= 256:
         return 0.15
     return 0.02
+
+
+def _native_dense_threshold(block_shape: tuple[int, int]) -> float:
+    """Where the native kernels stop beating the dense path (docs/native.md: measured
+    2048² @ 2048×512 float32; 8×8 and larger blocks cross near 75% density)."""
+    elements = block_shape[0] * block_shape[1]
+    if elements >= 64:
+        return 0.75
+    if elements >= 16:
+        return 0.45
+    if elements >= 4:
+        return 0.25
+    return 0.17
 
 
 def _sorted_positions(flat: jax.Array, nbc: int) -> tuple[jax.Array, jax.Array]:
