@@ -11,7 +11,9 @@ kernel can never pass for a configuration it does not support.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import ManualAxisType
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +24,7 @@ __all__ = [
     "check_dtype",
     "is_pow2",
     "next_pow2",
+    "out_struct",
     "round_up",
     "tpu_sublane",
 ]
@@ -137,3 +140,21 @@ def tpu_sublane(dtype) -> int:
       (8, 16)
     """
     return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+def out_struct(shape, dtype) -> jax.ShapeDtypeStruct:
+    """A kernel's output shape, declared invariant over manual mesh axes.
+
+    Kernels are written for one device; ``jax.shard_map(check_vma=True)`` asks a
+    ``pallas_call`` to say how each output varies over the mesh. jsparse lowers its
+    kernels on operand types stripped of that variance (``jsparse.core.meshes``), so
+    "varies over no axis" is the declaration that matches; outside ``shard_map`` it
+    changes nothing.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from pallas_kernels.common import out_struct
+      >>> out_struct((2, 3), jnp.float32).manual_axis_type.varying
+      frozenset()
+    """
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType())

@@ -11,7 +11,7 @@ and verbs share, so that a product works on any mesh JAX offers.
   must vary over the same axes (:func:`vary_alike`, as JAX does for its own
   primitives), the result varies over all of them (:func:`varying_result`), and
   the kernel is traced as code of one device (:func:`invariant_lowering`): its loop
-  carries start as constants and its Pallas output shapes declare no variance.
+  carries start as constants and its Pallas outputs are declared invariant.
 * **Automatic axes**: nothing to do; XLA partitions the lowered kernels.
 """
 
@@ -184,12 +184,10 @@ def varying_result(shape, dtype, avals) -> jax.core.ShapedArray:
 
 
 def invariant_tracing():
-    """A context in which code is traced as code of one device: outside any mesh and
-    without variance checks (``jax.shard_map(check_vma=False)``'s setting), for
-    finding a kernel's result shapes. A Pallas call inside ``shard_map(check_vma=True)``
-    otherwise requires its output shapes to declare a manual-axis type, which
-    kernels written for one device do not. JAX exposes the setting publicly only as
-    ``shard_map``'s argument; this enters its state.
+    """A context in which code is traced as code of one device: outside any mesh,
+    for finding a kernel's result shapes. (Pallas kernels declare their outputs
+    invariant over manual axes, ``pallas_kernels.common.out_struct``, which is what a
+    kernel traced this way computes.)
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -198,20 +196,17 @@ def invariant_tracing():
       ...     jax.eval_shape(jnp.sin, jax.ShapeDtypeStruct((2,), jnp.float32)).shape
       (2,)
     """
-    from jax._src import config  # the state behind shard_map's check_vma
-
     stack = contextlib.ExitStack()
     stack.enter_context(jax.sharding.use_abstract_mesh(_NO_MESH))
-    stack.enter_context(config._check_vma(False))
     return stack
 
 
 def invariant_lowering(impl: Callable[..., Any], multiple_results: bool = False):
     """A lowering rule (``mlir.lower_fun`` of ``impl``) that traces ``impl`` on operand
-    types without manual-axis variance and without variance checks: the variance is
-    a type-level check, the lowered program is the same, and kernels written for one
-    device (loop carries that start as constants, Pallas calls) then lower inside
-    ``jax.shard_map(check_vma=True)`` too.
+    types without manual-axis variance, outside any mesh: the variance is a type-level
+    check, the lowered program is the same, and kernels written for one device (loop
+    carries that start as constants, Pallas calls whose outputs are declared
+    invariant) then lower inside ``jax.shard_map(check_vma=True)`` too.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -230,10 +225,8 @@ def invariant_lowering(impl: Callable[..., Any], multiple_results: bool = False)
     lowered = mlir.lower_fun(impl, multiple_results=multiple_results)
 
     def rule(ctx, *args, **params):
-        from jax._src import config  # see invariant_tracing
-
         avals = [a.update(manual_axis_type=ManualAxisType()) for a in ctx.avals_in]
-        with config._check_vma(False):
+        with jax.sharding.use_abstract_mesh(_NO_MESH):
             return lowered(ctx.replace(avals_in=avals), *args, **params)
 
     return rule

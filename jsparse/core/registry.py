@@ -178,8 +178,8 @@ def implementations(op: str, fmt: type) -> tuple[str, ...]:
 
     Example:
       >>> import jsparse
-      >>> sorted(jsparse.implementations("matmul", jsparse.BCSR))[:3]
-      ['dense', 'pallas', 'xla']
+      >>> sorted(jsparse.implementations("matmul", jsparse.BCSR))
+      ['cpu', 'dense', 'pallas', 'xla']
     """
     return tuple(_table(op, fmt))
 

@@ -34,6 +34,7 @@ from pallas_kernels.common import (
     check_dtype,
     is_pow2,
     next_pow2,
+    out_struct,
     round_up,
     tpu_sublane,
 )
@@ -314,7 +315,7 @@ def bcsr_sddmm(
         up = jnp.pad(up, ((0, 0), (0, j_pad - j)))
         vp = jnp.pad(vp, ((0, 0), (0, j_pad - j)))
     rows, cols = row_ids.astype(jnp.int32), col_ids.astype(jnp.int32)
-    out_shape = jax.ShapeDtypeStruct((nse, bm, bn), u.dtype)
+    out_shape = out_struct((nse, bm, bn), u.dtype)
     steps = j_pad // config.tj
     if config.backend == "gpu":
         tm, tn = config.tm, config.tn

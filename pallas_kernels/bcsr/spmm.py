@@ -52,6 +52,7 @@ from pallas_kernels.common import (
     check_dtype,
     is_pow2,
     next_pow2,
+    out_struct,
     round_up,
     tpu_sublane,
 )
@@ -553,7 +554,7 @@ def bcsr_spmm(
     ptr, src = ptr.astype(jnp.int32), src.astype(jnp.int32)
     if perm is not None:
         perm = perm.astype(jnp.int32)
-    out_shape = jax.ShapeDtypeStruct((out_rows, n_pad), x.dtype)
+    out_shape = out_struct((out_rows, n_pad), x.dtype)
     grid_n = n_pad // config.tn
     if config.backend == "gpu":
         index_arrays = (ptr, src) if perm is None else (ptr, perm, src)

@@ -40,6 +40,7 @@ from pallas_kernels.common import (
     check_dtype,
     is_pow2,
     next_pow2,
+    out_struct,
     round_up,
 )
 from pallas_kernels.monarch.tpu import MonarchTpuConfig, monarch_matmul_tpu, plan_monarch_tpu
@@ -273,7 +274,7 @@ def monarch_matmul(left, right, x, *, backend="gpu", config=None, interpret=Fals
         grid=(nb * (cfg.s // cfg.ts), width // cfg.tn),
         in_specs=[pl.no_block_spec] * 3,
         out_specs=pl.BlockSpec((cfg.ts, cfg.tn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((nb * cfg.s, width), x.dtype),
+        out_shape=out_struct((nb * cfg.s, width), x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="monarch_matmul",

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import Unsupported, round_up, tpu_sublane
+from pallas_kernels.common import Unsupported, out_struct, round_up, tpu_sublane
 from pallas_kernels.targets import Target, current_target
 
 __all__ = ["MonarchTpuConfig", "monarch_matmul_tpu", "plan_monarch_tpu"]
@@ -257,7 +257,7 @@ def monarch_matmul_tpu(left, right, x, *, config=None, interpret=False):
             pl.BlockSpec((kb * cfg.p, wb), lambda lb, j, kk: (kk, j)),
         ],
         out_specs=pl.BlockSpec((cfg.s, wb), lambda lb, j, kk: (lb, j)),
-        out_shape=jax.ShapeDtypeStruct((nb * cfg.s, width), x.dtype),
+        out_shape=out_struct((nb * cfg.s, width), x.dtype),
         scratch_shapes=[pltpu.VMEM((cfg.s, wb), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")

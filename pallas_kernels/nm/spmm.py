@@ -40,6 +40,7 @@ from pallas_kernels.common import (
     check_dtype,
     is_pow2,
     next_pow2,
+    out_struct,
     round_up,
 )
 from pallas_kernels.nm.tpu import NMTpuConfig, nm_sampled_tpu, nm_spmm_tpu, plan_nm_tpu
@@ -286,7 +287,7 @@ def _spmm_call(values, positions, x, *, n, m, transpose, backend, config, interp
         grid=(out_p // out_tile, width // cfg.tn),
         in_specs=[pl.no_block_spec] * 3,
         out_specs=pl.BlockSpec((out_tile, cfg.tn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((out_p, width), x.dtype),
+        out_shape=out_struct((out_p, width), x.dtype),
         compiler_params=_compiler_params(cfg),
         interpret=interpret,
         name=name,
@@ -401,7 +402,7 @@ def nm_sampled(u, v, positions, *, n: int, m: int, backend="gpu", config=None, i
         grid=(rows_p // cfg.tm, cols_p // cfg.tk),
         in_specs=[pl.no_block_spec] * 3,
         out_specs=pl.BlockSpec((cfg.tm, cfg.tkc), lambda i, t: (i, t)),
-        out_shape=jax.ShapeDtypeStruct(positions_p.shape, u.dtype),
+        out_shape=out_struct(positions_p.shape, u.dtype),
         compiler_params=_compiler_params(cfg),
         interpret=interpret,
         name="nm_sampled",

@@ -52,7 +52,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import Unsupported, round_up
+from pallas_kernels.common import Unsupported, out_struct, round_up
 from pallas_kernels.targets import Target, current_target
 
 __all__ = ["NMTpuConfig", "nm_sampled_tpu", "nm_spmm_tpu", "plan_nm_tpu"]
@@ -522,7 +522,7 @@ def nm_spmm_tpu(
         grid=grid,
         in_specs=[stored, stored, x_spec],
         out_specs=pl.BlockSpec((out_tile, wb), lambda i, j, t: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((out_rows, width_p), x.dtype),
+        out_shape=out_struct((out_rows, width_p), x.dtype),
         scratch_shapes=scratch,
         compiler_params=_params(),
         interpret=interpret,
@@ -573,7 +573,7 @@ def nm_sampled_tpu(u, v, positions, *, n: int, m: int, config=None, interpret=Fa
             pl.BlockSpec((cfg.tk, wb), lambda i, t, s: (t, s)),
         ],
         out_specs=pl.BlockSpec((cfg.tm, cfg.tkc), lambda i, t, s: (i, t)),
-        out_shape=jax.ShapeDtypeStruct((rows_p, stored_p), u.dtype),
+        out_shape=out_struct((rows_p, stored_p), u.dtype),
         scratch_shapes=[pltpu.VMEM((cfg.tm, cfg.tk), jnp.float32)],
         compiler_params=_params(),
         interpret=interpret,
