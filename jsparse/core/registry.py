@@ -240,10 +240,7 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
     Raises:
       ValueError: ``impl`` is not registered for this op and format, or no
         implementation (for ``auto``) / not ``impl`` (explicit) handles the
-        configuration on any platform; the message gives every reason. An explicit
-        ``impl`` that handles the configuration on some platforms only raises it
-        when the program is lowered for one of the others (``jit`` on that device,
-        ``.lower``, ``jax.export``), naming that platform and the reason.
+        configuration on any platform; the message gives every reason.
 
     Example:
       >>> import jax.numpy as jnp, jsparse
@@ -266,14 +263,6 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
                 f"impl={impl!r} cannot run {op} for {fmt.__name__} with these arguments: "
                 + "; ".join(dict.fromkeys(reasons.values()))
             )
-        # Platforms whose check failed raise the reason when lowered for (a kernel
-        # that fits the interpreter may not fit an H100's shared memory).
-        like = next(iter(branches.values()))
-        for platform, reason in reasons.items():
-            message = (
-                f"impl={impl!r} cannot run {op} for {fmt.__name__} on {platform}: {reason}"
-            )
-            branches[platform] = on_platform(platform, _refusal(message), shapes_like=like)
         return _stage(branches, args, kwargs)
     branches, reasons = _resolve(op, fmt, table, _per_platform(auto_order), args, kwargs)
     if not branches:
@@ -282,13 +271,6 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
             + "; ".join(dict.fromkeys(reasons.values()))
         )
     return _stage(branches, args, kwargs)
-
-
-def _refusal(message: str) -> Callable[..., Any]:
-    def refuse(*args, **kwargs):
-        raise ValueError(message)
-
-    return refuse
 
 
 def _per_platform(auto_order: AutoOrder) -> dict[str, list[str]]:
