@@ -11,6 +11,7 @@ fails. Select them with ``pytest -m accelerators``.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -248,6 +249,10 @@ def test_auto_takes_xla_and_pallas_raises_where_a_block_cannot_fit():
     assert KERNEL_CALL["tpu"] not in auto.text()
     with pytest.raises(ValueError, match=r"impl='pallas'.*scoped VMEM.*16777216"):
         ct.compile_for(lambda a, x: jsparse.matmul(a, x, impl="pallas"), (a, x), "v5e")
+    # the gradient program too
+    pallas = functools.partial(jsparse.matmul, impl="pallas")
+    with pytest.raises(ValueError, match=r"impl='pallas'.*pallas \(tpu\): .*scoped VMEM.*16777216"):
+        ct.compile_for(_loss(pallas), (a, x), "v5e")
 
 
 # ------------------------------------------------------------------ through jsparse

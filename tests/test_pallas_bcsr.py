@@ -7,6 +7,7 @@ and is lowered for ``cuda`` (Triton) and ``tpu`` (Mosaic) from this machine.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 
 import jax
@@ -280,16 +281,23 @@ def test_auto_prefers_dense_for_dense_patterns_on_accelerators_too():
     assert TRITON not in lowered
 
 
-def test_auto_falls_back_where_a_kernel_cannot():
+def test_auto_falls_back_where_a_kernel_cannot(caplog):
     # (4, 8) blocks: the Triton kernel handles them, the TPU kernel does not. Small
     # blocks prefer dense above 2% density, so the pattern is sparser than that.
     a = _matrix((128, 256), (4, 8), 0.01, jnp.float32)
     x = jnp.ones((256, 4))
     f = lambda a, x: a @ x  # noqa: E731
-    assert TRITON in _lowered(f, a, x, platform="cuda")
-    assert MOSAIC_TPU not in _lowered(f, a, x, platform="tpu")  # the XLA branch
-    # an explicit impl="pallas" never falls back: no branch for tpu
+    with caplog.at_level(logging.INFO, logger="jsparse.dispatch"):
+        assert TRITON in _lowered(f, a, x, platform="cuda")
+    assert MOSAIC_TPU not in _lowered(f, a, x, platform="tpu")  # the XLA branch, and why:
+    assert "matmul for BCSR on tpu: 'xla' runs; skipped pallas (tpu): " in caplog.text
+    # an explicit impl="pallas" never falls back: lowering for tpu names the limit
     g = lambda a, x: jsparse.matmul(a, x, impl="pallas")  # noqa: E731
     assert TRITON in _lowered(g, a, x, platform="cuda")
-    with pytest.raises(NotImplementedError, match="platform tpu"):
+    with pytest.raises(ValueError, match="impl='pallas' cannot run matmul for BCSR on tpu: "):
         _lowered(g, a, x, platform="tpu")
+    # and so does its gradient, rather than compiling a program without the kernel
+    grad = jax.grad(lambda d, x: jnp.sum(g(a.with_values(d), x)), argnums=(0, 1))
+    with pytest.raises(ValueError, match="impl='pallas' cannot run matmul for BCSR on tpu: "):
+        _lowered(grad, a.data, x, platform="tpu")
+    assert TRITON in _lowered(grad, a.data, x, platform="cuda")

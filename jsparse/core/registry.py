@@ -13,8 +13,11 @@ register its own.
 **Capability, not exceptions.** An implementation may come with a
 ``supports(*args, **kwargs) -> str | None`` check that returns ``None`` when it
 handles the configuration and otherwise a sentence saying why not. ``impl="auto"``
-takes, per platform, the first candidate of the format's order whose check passes;
-an explicit ``impl`` whose check fails raises :class:`ValueError` with the reason.
+takes, per platform, the first candidate of the format's order whose check passes,
+and logs the candidates it skipped with their reasons to the ``"jsparse.dispatch"``
+logger (level INFO); an explicit ``impl`` whose check fails raises
+:class:`ValueError` with the reason (on a platform whose check alone fails, when
+the program is lowered for it).
 An exception raised while an implementation *runs* is a bug and propagates: it is
 never turned into a fallback.
 
@@ -31,13 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 
 __all__ = [
     "PLATFORMS",
@@ -50,6 +54,9 @@ __all__ = [
     "run",
     "with_pallas",
 ]
+
+# Where ``auto`` records the candidates it skipped and why (INFO; off by default).
+_log = logging.getLogger("jsparse.dispatch")
 
 # Platforms that jax.lax.platform_dependent distinguishes ("gpu" is not one).
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -240,7 +247,10 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
     Raises:
       ValueError: ``impl`` is not registered for this op and format, or no
         implementation (for ``auto``) / not ``impl`` (explicit) handles the
-        configuration on any platform; the message gives every reason.
+        configuration on any platform; the message gives every reason. An explicit
+        ``impl`` that handles the configuration on some platforms only raises it
+        when the program is lowered for one of the others (``jit`` on that device,
+        ``.lower``, ``jax.export``), naming that platform and the reason.
 
     Example:
       >>> import jax.numpy as jnp, jsparse
@@ -263,6 +273,12 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
                 f"impl={impl!r} cannot run {op} for {fmt.__name__} with these arguments: "
                 + "; ".join(dict.fromkeys(reasons.values()))
             )
+        # Platforms whose check failed raise the reason when lowered for (a kernel
+        # that fits the interpreter may not fit an H100's shared memory).
+        like = next(iter(branches.values()))
+        for platform, reason in reasons.items():
+            message = f"impl={impl!r} cannot run {op} for {fmt.__name__} on {platform}: {reason}"
+            branches[platform] = _refusal(platform, message, like)
         return _stage(branches, args, kwargs)
     branches, reasons = _resolve(op, fmt, table, _per_platform(auto_order), args, kwargs)
     if not branches:
@@ -271,6 +287,89 @@ def run(op: str, fmt: type, impl: str, auto_order: AutoOrder, *args, **kwargs):
             + "; ".join(dict.fromkeys(reasons.values()))
         )
     return _stage(branches, args, kwargs)
+
+
+def _refusal(platform: str, message: str, like: Callable[..., Any]) -> Callable[..., Any]:
+    """A branch that raises ``ValueError(message)`` when lowered for ``platform``.
+
+    It types itself after ``like`` (another platform's branch) without tracing a
+    kernel. ``lax.platform_dependent`` differentiates and batches every branch, also
+    those that never run, so the refusal has derivatives that refuse in turn: a
+    gradient program for ``platform`` raises too instead of compiling to zeros.
+    """
+
+    def branch(*args, **kwargs):
+        out = jax.eval_shape(functools.partial(like, **kwargs), *args)
+        avals = tuple(jax.core.ShapedArray(o.shape, o.dtype) for o in jax.tree.leaves(out))
+        outs = _refused_p.bind(
+            *jax.tree.leaves(args), message=message, platform=platform, out_avals=avals
+        )
+        return jax.tree.unflatten(jax.tree.structure(out), outs)
+
+    return branch
+
+
+_refused_p = jex_core.Primitive("jsparse_refused")
+_refused_p.multiple_results = True
+_refused_p.def_abstract_eval(lambda *args, out_avals, **_: out_avals)
+
+
+def _refused_impl(*args, message, platform, out_avals):
+    raise ValueError(message)
+
+
+def _refused_lowering(lowering_platform, ctx, *args, message, platform, out_avals):
+    if lowering_platform == platform:
+        raise ValueError(message)
+    return _placeholder_lowering(
+        ctx, *args, kernel=None, platform=platform, fallback=None, out_avals=out_avals
+    )
+
+
+def _refused_jvp(primals, tangents, *, message, platform, out_avals):
+    outs = _refused_p.bind(*primals, message=message, platform=platform, out_avals=out_avals)
+    linear = [
+        ad.instantiate_zeros(t)
+        for x, t in zip(primals, tangents, strict=True)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    tangent_avals = tuple(a.to_tangent_aval() for a in out_avals)
+    if not linear:
+        return outs, [ad.Zero(a) for a in tangent_avals]
+    # Linear in the tangents, so that transposing it (grad) keeps a refusal too.
+    return outs, _refused_p.bind(
+        *linear, message=message, platform=platform, out_avals=tangent_avals
+    )
+
+
+def _refused_transpose(cts, *args, message, platform, out_avals):
+    del out_avals
+    undefined = [x for x in args if ad.is_undefined_primal(x)]
+    ct_avals = tuple(x.aval.to_tangent_aval() for x in undefined)
+    outs = iter(
+        _refused_p.bind(
+            *[ad.instantiate_zeros(c) for c in cts],
+            message=message,
+            platform=platform,
+            out_avals=ct_avals,
+        )
+    )
+    return [next(outs) if ad.is_undefined_primal(x) else None for x in args]
+
+
+def _refused_batch(args, dims, *, message, platform, out_avals):
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    out_avals = tuple(jax.core.ShapedArray((size, *a.shape), a.dtype) for a in out_avals)
+    outs = _refused_p.bind(*args, message=message, platform=platform, out_avals=out_avals)
+    return outs, [0] * len(outs)
+
+
+_refused_p.def_impl(_refused_impl)
+ad.primitive_jvps[_refused_p] = _refused_jvp
+ad.primitive_transposes[_refused_p] = _refused_transpose
+batching.primitive_batchers[_refused_p] = _refused_batch
+for _p in PLATFORMS:
+    mlir.register_lowering(_refused_p, functools.partial(_refused_lowering, _p), platform=_p)
 
 
 def _per_platform(auto_order: AutoOrder) -> dict[str, list[str]]:
@@ -300,6 +399,15 @@ def _resolve(op, fmt, table, orders, args, kwargs):
                 verdicts[key] = entry.why_not(args, kwargs)
             if verdicts[key] is None:
                 branches[platform] = entry.fn
+                if why_all:
+                    _log.info(
+                        "%s for %s on %s: %r runs; skipped %s",
+                        op,
+                        fmt.__name__,
+                        platform,
+                        name,
+                        "; ".join(why_all),
+                    )
                 break
             why_all.append(f"{name} ({platform}): {verdicts[key]}")
         else:
