@@ -1,17 +1,26 @@
 """Test-session setup: the CPU platform only (the CUDA plugin, installed for
 deviceless compilation, would otherwise try to initialise), and 8 host CPU devices,
-so that the sharding tests (tests/test_sharding.py) have a mesh to run on.
+so that the sharding tests (tests/test_sharding.py) have a mesh to run on, and
+a collective timeout that a loaded machine does not reach.
 
-The flag must be set before JAX initialises its CPU backend; it only adds devices
-(single-device computations still run on device 0, as before). A flag already in
-``XLA_FLAGS`` is left alone.
+The flags must be set before JAX initialises its CPU backend; the device count only
+adds devices (single-device computations still run on device 0, as before). A flag
+already in ``XLA_FLAGS`` is left alone.
 """
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
+_FLAGS = {
+    "--xla_force_host_platform_device_count": 8,
+    # XLA:CPU aborts the process when the devices of a collective do not all arrive
+    # within 40 s; with two test workers and 8 virtual devices on 2 cores they can
+    # lag that long, and the abort takes down whichever test the worker is running.
+    "--xla_cpu_collective_call_terminate_timeout_seconds": 900,
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds": 300,
+}
+for _flag, _value in _FLAGS.items():
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}={_value}".strip()
 
 # Compile-only GPU and TPU devices (tests/compile_targets.py) work with JAX_PLATFORMS=cpu.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -323,3 +323,44 @@ def test_dynamic_sparse_training_data_parallel_equals_one_device(algorithm):
         np.asarray(got.hidden.kernel_data[...]), np.asarray(want.hidden.kernel_data[...]),
         rtol=1e-3, atol=1e-4,
     )  # fmt: skip
+
+
+def test_gradual_magnitude_pruning_data_parallel_equals_one_device():
+    """GMP (the stored-block count shrinks at each update, outside jit) on 8 devices
+    with the batch sharded keeps the one-device patterns, values and optimizer state."""
+    x = jax.random.normal(jax.random.key(6), (32, 32))
+    y = jax.random.normal(jax.random.key(7), (32, 4))
+    gmp = jsparse.train.GradualMagnitudePruning(0.9, begin_step=0, end_step=12, frequency=6)
+
+    def run(x, y):
+        model = _SparseNet(nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, x, y):
+            loss, g = nnx.value_and_grad(_net_loss)(model, x, y)
+            optimizer.update(model, g)
+            return loss
+
+        patterns, losses = [], []
+        for t in range(1, 16):
+            losses.append(float(step(model, optimizer, x, y)))
+            if gmp.update(model, optimizer, t):
+                patterns.append(np.asarray(model.hidden.kernel_indices[...]))
+        return patterns, losses, model, optimizer
+
+    want_patterns, want_losses, want, _ = run(x, y)
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+        got_patterns, got_losses, got, got_opt = run(
+            jax.device_put(x, P("data")), jax.device_put(y, P("data"))
+        )
+    assert [p.shape for p in want_patterns] == [(7,), (3,)]  # 8 of 32 blocks stored at first
+    for g, w in zip(got_patterns, want_patterns, strict=True):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(got.hidden.kernel_data[...]), np.asarray(want.hidden.kernel_data[...]),
+        rtol=1e-3, atol=1e-4,
+    )  # fmt: skip
+    mu = got_opt.opt_state[0].mu["hidden"]["kernel_data"][...]
+    assert mu.shape == got.hidden.kernel_data[...].shape
