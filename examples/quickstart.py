@@ -154,20 +154,6 @@ def nbytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "size")))
 
 
-def kernel_density(model) -> float:
-    """Stored kernel values over the dense kernel size, over every linear layer."""
-    stored = dense = 0
-    for _, layer in nnx.iter_graph(model):
-        if isinstance(layer, nnx.Linear):
-            stored += layer.kernel.size
-            dense += layer.kernel.size
-        elif isinstance(layer, jsparse.nn.FormatLinear):
-            values = layer.kernel_variables.values()
-            stored += sum(v[...].size for v in values if isinstance(v, nnx.Param))
-            dense += layer.in_features * layer.out_features
-    return stored / dense
-
-
 def run(method, data, *, hidden, steps, batch, lr, seed):
     x_train, x_test, y_train, y_test = data
     model, hook, finish = MAKERS[method](hidden, nnx.Rngs(seed), steps)
@@ -196,7 +182,7 @@ def run(method, data, *, hidden, steps, batch, lr, seed):
         "test_accuracy": accuracy,
         "step_time_s": step_time(times),
         "param_opt_bytes": state_bytes,
-        "density": kernel_density(model),
+        "density": jsparse.nn.kernel_density(model),
     }
 
 

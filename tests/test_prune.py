@@ -574,6 +574,10 @@ def test_bad_input_errors_name_the_problem():
         prune.oneshot(model, forward, [])
     with pytest.raises(ValueError, match="calibration iterable is empty"):
         prune.oneshot(model, forward, (b for b in []))
+    with pytest.raises(ValueError, match="calibration is None"):
+        prune.oneshot(model, forward, None)
+    with pytest.raises(TypeError, match="calibration must be an iterable of batches, got int"):
+        prune.oneshot(model, forward, 3)
     with pytest.raises(ValueError, match="method must be one of"):
         prune.oneshot(model, forward, batches, method="obs")
     with pytest.raises(TypeError, match=r"'wanda' does not take the option\(s\) \['damping'\]"):

@@ -150,20 +150,6 @@ def encoder_bytes(model) -> dict[str, int]:
     return {"total": nbytes(nnx.state(model)), "linear": linear}
 
 
-def kernel_density(model) -> float:
-    """Stored kernel values over dense kernel entries, over every linear layer."""
-    stored = dense = 0
-    for _, layer in nnx.iter_graph(model):
-        if isinstance(layer, nnx.Linear):
-            stored += layer.kernel.size
-            dense += layer.kernel.size
-        elif isinstance(layer, jsparse.nn.FormatLinear):
-            values = layer.kernel_variables.values()
-            stored += sum(v[...].size for v in values if isinstance(v, nnx.Param))
-            dense += layer.in_features * layer.out_features
-    return stored / dense
-
-
 def inference_time(dense, sparse, batch: int, tokens: int, reps: int) -> dict[str, float]:
     """Seconds per forward of a ``batch x tokens`` batch, dense and sparse, measured in
     alternating rounds, and the dense / sparse ratio (> 1: the sparse one is faster)."""
@@ -305,7 +291,7 @@ def run(args) -> dict:
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "chunks": {"calibration": len(calib_chunks), "finetune": len(ft_chunks)},
         "held_out_sentences": len(held_out),
-        "dense": {"bytes": encoder_bytes(dense), "density": kernel_density(dense)},
+        "dense": {"bytes": encoder_bytes(dense), "density": jsparse.nn.kernel_density(dense)},
         "variants": [],
         "speed": {},
     }
@@ -328,7 +314,7 @@ def run(args) -> dict:
                 "prune": pruned,
                 "oneshot": oneshot_q,
                 "bytes": encoder_bytes(student),
-                "density": kernel_density(student),
+                "density": jsparse.nn.kernel_density(student),
             }
             if args.ft_steps:
                 ft = finetune(

@@ -13,7 +13,7 @@
   their kernels; :class:`FormatLinearGeneral` keeps ``LinearGeneral``'s shapes) and
   back; :func:`iter_linears`, :func:`linear_layers`, :func:`linear_shape`,
   :func:`sparse_layers`, :func:`replace_module` and :func:`path_str` find and
-  replace layers.
+  replace layers; :func:`kernel_density` measures what a model stores.
 
 Trainable values are :class:`flax.nnx.Param`; index arrays are
 :class:`SparsityPattern` variables, which optimizers built with ``wrt=nnx.Param``
@@ -31,6 +31,7 @@ from jsparse.nn.sr_ste_linear import SRSTELinear
 from jsparse.nn.surgery import (
     densify,
     iter_linears,
+    kernel_density,
     linear_layers,
     linear_shape,
     path_str,
@@ -55,6 +56,7 @@ __all__ = [
     "SparsityPattern",
     "densify",
     "iter_linears",
+    "kernel_density",
     "linear_layers",
     "linear_shape",
     "path_str",

@@ -100,6 +100,35 @@ def sparse_layers(model, filter: Any = ...) -> list[tuple[Path, FormatLinear]]: 
     ]
 
 
+def kernel_density(model) -> float:
+    """Stored kernel values over dense kernel entries, over every ``nnx.Linear`` and
+    jsparse layer of ``model`` (biases and other parameters are not counted).
+
+    Raises:
+      ValueError: ``model`` has no linear layer.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jsparse
+      >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)),
+      ...                        jsparse.nn.NMLinear(8, 8, n=2, m=4, rngs=nnx.Rngs(0)))
+      >>> jsparse.nn.kernel_density(model)  # 64 dense + 32 stored of 64
+      0.75
+    """
+    stored = dense = 0
+    for _, layer in nnx.iter_graph(model):
+        if isinstance(layer, nnx.Linear):
+            stored += layer.kernel.size
+            dense += layer.kernel.size
+        elif isinstance(layer, FormatLinear):
+            values = layer.kernel_variables.values()
+            stored += sum(v[...].size for v in values if isinstance(v, nnx.Param))
+            dense += layer.in_features * layer.out_features
+    if not dense:
+        raise ValueError(f"{type(model).__name__} has no linear layer")
+    return stored / dense
+
+
 def linear_layers(model, filter: Any = ...) -> list[tuple[Path, nnx.Module]]:  # noqa: A002
     """The ``(path, layer)`` pairs of the dense linear layers :func:`sparsify` considers:
     :class:`flax.nnx.Linear` and :class:`flax.nnx.LinearGeneral` (exactly these

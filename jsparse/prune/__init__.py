@@ -30,6 +30,7 @@ from jsparse.prune.oneshot import LayerReport, PruneReport, oneshot
 from jsparse.prune.owl import OWL, outlier_ratio, owl_sparsities
 from jsparse.prune.statistics import (
     LayerStatistics,
+    calibration_batches,
     calibration_order,
     collect_statistics,
     order_groups,
@@ -51,6 +52,7 @@ __all__ = [
     "LayerStatistics",
     "NMStructure",
     "PruneReport",
+    "calibration_batches",
     "calibration_order",
     "collect_statistics",
     "corrected_kernel",

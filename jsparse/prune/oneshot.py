@@ -18,7 +18,12 @@ from jsparse.nn import path_str, replace_module
 from jsparse.prune.layers import to_sparse_layer
 from jsparse.prune.methods import METHODS, prune_weight, reconstruction_error
 from jsparse.prune.owl import OWL, owl_sparsities
-from jsparse.prune.statistics import collect_statistics, order_groups, select_linears
+from jsparse.prune.statistics import (
+    calibration_batches,
+    collect_statistics,
+    order_groups,
+    select_linears,
+)
 from jsparse.prune.structure import NMStructure, parse_structure
 
 __all__ = ["LayerReport", "PruneReport", "oneshot"]
@@ -266,14 +271,7 @@ def oneshot(
     by_layer = isinstance(sparsity, Mapping)
     if owl_config is not None and (isinstance(structure, NMStructure) or by_layer):
         raise ValueError("owl sets per-layer sparsities: not with N:M nor a sparsity mapping")
-    try:
-        batches = list(calibration)
-    except TypeError as e:
-        raise TypeError(
-            f"calibration must be an iterable of batches, got {type(calibration).__name__}"
-        ) from e
-    if not batches:
-        raise ValueError("the calibration iterable is empty: give at least one batch")
+    batches = calibration_batches(calibration)
 
     def only(group):
         wanted = set(group)

@@ -24,6 +24,7 @@ from jsparse.nn import iter_linears, path_str, replace_module
 
 __all__ = [
     "LayerStatistics",
+    "calibration_batches",
     "calibration_order",
     "collect_statistics",
     "order_groups",
@@ -209,7 +210,22 @@ class _StandIn(nnx.Module):
         return layer(*args, **kwargs)
 
 
-def _as_batches(calibration: Iterable[Any]) -> list[Any]:
+def calibration_batches(calibration: Iterable[Any]) -> list[Any]:
+    """The calibration batches as a list, checked: an iterable with at least one batch.
+
+    Raises:
+      ValueError: ``calibration`` is ``None`` or empty.
+      TypeError: ``calibration`` is not iterable.
+
+    Example:
+      >>> from jsparse.prune.statistics import calibration_batches
+      >>> len(calibration_batches(iter([1, 2])))
+      2
+      >>> calibration_batches([])
+      Traceback (most recent call last):
+      ...
+      ValueError: the calibration iterable is empty: give at least one batch
+    """
     if calibration is None:
         raise ValueError("calibration is None; pass an iterable of batches")
     try:
@@ -350,7 +366,7 @@ def collect_statistics(
       >>> bool(jnp.allclose(stats["layers/0"].gram, x.T @ x / 8, atol=1e-5))
       True
     """
-    batches = _as_batches(calibration)
+    batches = calibration_batches(calibration)
     selected = select_linears(model, filter)
     recorders, session = _run(
         model, forward, batches, selected, gram=gram, jit=jit, reference=reference
