@@ -4,7 +4,17 @@ Formats are pytrees you can ``jit``, ``vmap`` and ``grad`` through; matmuls with
 dense operand on either side have exact sparse gradients.
 """
 
-from jsparse import attention, checkpoint, core, extend, formats, nn, prune, train  # noqa: F401
+from jsparse import (  # noqa: F401
+    attention,
+    checkpoint,
+    core,
+    extend,
+    formats,
+    nn,
+    parallel,
+    prune,
+    train,
+)
 from jsparse.core import (
     AbstractSparseMatrix,
     add,
@@ -37,6 +47,7 @@ __all__ = [
     "matmul",
     "nm_mask",
     "nn",
+    "parallel",
     "prune",
     "scale",
     "sddmm",

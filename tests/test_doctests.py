@@ -65,6 +65,7 @@ EXCEPTIONS = {
     "jsparse.nn": "a module: its names are checked one by one (jsparse.nn.__all__)",
     "jsparse.train": "a module: its names are checked one by one (jsparse.train.__all__)",
     "jsparse.prune": "a module: its names are checked one by one (jsparse.prune.__all__)",
+    "jsparse.parallel": "a module: its names are checked one by one (jsparse.parallel.__all__)",
     "jsparse.extend.checks": "a module: checked as jsparse.core.checks.__all__",
     "jsparse.extend.product": "a module: checked as jsparse.core.product.__all__",
     "jsparse.extend.PLATFORMS": "a tuple constant (no docstring of its own)",
