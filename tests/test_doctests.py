@@ -47,6 +47,7 @@ NAMESPACES = [
     "jsparse.core.product",
     "jsparse.extend",
     "jsparse.nn",
+    "jsparse.parallel",
     "jsparse.prune",
     "jsparse.train",
     "pallas_kernels",
