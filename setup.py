@@ -49,10 +49,10 @@ class _BuildLibrary(build_ext):
             ext.extra_link_args = ["-lpthread"]
         else:
             ext.include_dirs.append(_ffi_include())
-            if _SANITIZE:
-                flags = [f"-fsanitize={_SANITIZE}", "-fno-omit-frame-pointer", "-g"]
-                ext.extra_compile_args += flags
-                ext.extra_link_args += flags
+        if _SANITIZE:
+            flags = [f"-fsanitize={_SANITIZE}", "-fno-omit-frame-pointer", "-g"]
+            ext.extra_compile_args += flags
+            ext.extra_link_args += flags
         super().build_extension(ext)
 
 

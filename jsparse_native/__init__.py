@@ -31,6 +31,7 @@ __all__ = [
     "load_error",
     "set_isa",
     "set_max_threads",
+    "set_nm_gather_from",
     "supported_isas",
 ]
 
@@ -68,7 +69,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     for name in ("jsparse_native_isa", "jsparse_native_best_isa", "jsparse_native_set_isa",
-                 "jsparse_native_max_threads", "jsparse_native_last_threads"):  # fmt: skip
+                 "jsparse_native_max_threads", "jsparse_native_last_threads",
+                 "jsparse_native_nm_gather_from"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
     return lib, None
 
@@ -212,3 +214,23 @@ def last_threads() -> int:
       True
     """
     return _lib().jsparse_native_last_threads()
+
+
+def set_nm_gather_from(n: int) -> int:
+    """Width of ``X`` from which an N:M product that contracts the groups multiplies only
+    the stored entries (the gather kernel) instead of expanding tiles of ``W`` and
+    multiplying them densely (docs/native.md); returns the previous width. For tests
+    and benchmarks: the default is the measured crossover.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_nm_gather_from(1)
+      ...     _ = jsparse_native.set_nm_gather_from(old)
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    lib = _lib()
+    previous = lib.jsparse_native_nm_gather_from()
+    lib.jsparse_native_set_nm_gather_from(n)
+    return previous

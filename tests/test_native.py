@@ -330,3 +330,167 @@ def test_nan_reaches_only_stored_entries(fmt):
     x = jnp.ones((4, 1)).at[3, 0].set(jnp.nan)
     y = np.asarray(jsparse.matmul(a, x, impl="cpu"))
     assert np.all(np.isfinite(y)), y
+
+
+# ------------------------------------------------------------------ N:M: every path
+# The kernels pick a path per call: a matrix-vector loop (one column), expanded tiles
+# multiplied densely, the stored-entries gather (wide X, contraction along the groups;
+# forced here with set_nm_gather_from(1)) and stored-entries-only loops when X holds a
+# NaN or an infinity. The AVX-512 kernels expand 16 lanes at a time for 1:2, 2:4, 1:4,
+# 1:8, 2:8, so the grouped length below is 4 full vectors plus a tail of groups.
+_NM_CONFIGS = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (1, 3)]
+
+
+def _nm_case(rng, n, m, axis, dtype, grouped=None, other=37):
+    grouped = grouped or m * (64 // m + 1)
+    return _nm(rng, n, m, axis, grouped // m, other, dtype)
+
+
+def _nm_check_all_isas(a, w, widths, dtype, paths=("auto", "gather"), nan=False):
+    rng = np.random.default_rng(1)
+    rows, cols = w.shape
+    for b in widths:
+        x = rng.standard_normal((cols, b))
+        xt = rng.standard_normal((rows, b))
+        if nan:  # a NaN in a row of X no stored entry reads: only the stored-entries loops
+            x[0] = np.nan
+            xt[0] = np.nan
+        xj, xtj = jnp.asarray(x, dtype), jnp.asarray(xt, dtype)
+        # The reference, stored entries only: a NaN in row 0 of X reaches exactly the
+        # outputs whose row of W stores an entry in column 0 (the rest stay finite).
+        x64, xt64 = np.asarray(xj, np.float64), np.asarray(xtj, np.float64)
+        want_y = w @ np.nan_to_num(x64)
+        want_yt = w.T @ np.nan_to_num(xt64)
+        if nan:
+            want_y = np.where(w[:, :1] != 0, np.nan, want_y)
+            want_yt = np.where(w[:1, :].T != 0, np.nan, want_yt)
+        for isa in ISAS:
+            for path in paths if b > 1 else ("auto",):  # one column: the vector loop
+                old = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
+                try:
+                    with jsparse_native.forced_isa(isa):
+                        y, yt = _nm_products_jit(a, xj, xtj)
+                finally:
+                    jsparse_native.set_nm_gather_from(old)
+                msg = f"{a.n}:{a.m} axis {a.axis} B {b} {isa} {path}"
+                assert y.dtype == yt.dtype == dtype
+                assert_close(y, want_y, dtype, cols, err_msg=f"W @ X {msg}")
+                assert_close(yt, want_yt, dtype, rows, err_msg=f"W.T @ X {msg}")
+
+
+@pytest.mark.parametrize("nm", _NM_CONFIGS, ids=lambda nm: f"{nm[0]}of{nm[1]}")
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_every_path_float32(nm, axis):
+    n, m = nm
+    a, w = _nm_case(np.random.default_rng(0), n, m, axis, jnp.float32)
+    _nm_check_all_isas(a, w, (1, 3, 17, 33), jnp.float32)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (1, 3)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_every_path_bfloat16(nm, axis):
+    n, m = nm
+    a, w = _nm_case(np.random.default_rng(0), n, m, axis, jnp.bfloat16)
+    _nm_check_all_isas(a, w, (1, 17), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_long_contraction_and_wide_x(axis):
+    """Past one contraction chunk (256 dense entries) and one column block (512)."""
+    rng = np.random.default_rng(2)
+    a, w = _nm(rng, 2, 4, axis, 70, 20, jnp.float32)  # grouped length 280
+    _nm_check_all_isas(a, w, (600,), jnp.float32)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nm_nan_meets_only_stored_entries_on_every_path(axis, dtype):
+    a, w = _nm_case(np.random.default_rng(3), 2, 4, axis, dtype)
+    _nm_check_all_isas(a, w, (1, 17), dtype, paths=("auto",), nan=True)
+
+
+def _corrupt_positions(a, kind):
+    """Packed positions with one corrupted byte (the first of row 0)."""
+    if kind == "decreasing":  # 2:4: fields (0, 1 | 1, 0): the second group decreases
+        byte = 0b00_01_01_00
+    elif kind == "repeated":  # 2:4: fields (1, 1 | 2, 3)
+        byte = 0b11_10_01_01
+    else:  # 1:3: a field of 3 >= m
+        byte = 0b11_00_00_00
+    return a.positions.at[0, 0].set(jnp.uint8(byte))
+
+
+@pytest.mark.parametrize("kind", ["decreasing", "repeated", "out_of_range"])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_nm_corrupted_positions_raise_on_every_path(kind, axis, transpose):
+    n, m = (1, 3) if kind == "out_of_range" else (2, 4)
+    a, w = _nm_case(np.random.default_rng(4), n, m, axis, jnp.float32, other=16)
+    rows, cols = w.shape
+    bad = _corrupt_positions(a, kind)
+    f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, transpose, a.values, p, x))
+    for b in (1, 17):
+        x = jnp.ones((rows if transpose else cols, b))
+        for isa in ISAS:
+            for gather_from, x_in in ((10**6, x), (1, x), (10**6, x.at[0].set(jnp.nan))):
+                old = jsparse_native.set_nm_gather_from(gather_from)
+                try:
+                    with jsparse_native.forced_isa(isa):
+                        with pytest.raises(Exception, match="corrupted N:M positions"):
+                            jax.block_until_ready(f(bad, x_in))
+                        ok = f(a.positions, x)
+                finally:
+                    jsparse_native.set_nm_gather_from(old)
+                want = (w.T if transpose else w) @ np.ones((x.shape[0], b))
+                assert_close(ok, want, jnp.float32, x.shape[0], err_msg=f"{isa} B {b}")
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_jit_grad_jvp_vmap_both_axes(axis):
+    a = jsparse.NM.random(jax.random.key(5), (16, 32), n=2, m=4, axis=axis)
+    w = a.todense()
+    x = jax.random.normal(jax.random.key(6), (32, 17))
+    f = lambda v, x: jsparse.matmul(a.with_values(v), x, impl="cpu")  # noqa: E731
+    loss = lambda v, x: jnp.sum(jnp.sin(f(v, x)))  # noqa: E731
+    gv, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(a.values, x)
+    gw, gx_ref = jax.grad(lambda w, x: jnp.sum(jnp.sin(w @ x)), argnums=(0, 1))(w, x)
+    assert_close(a.with_values(gv).todense(), gw * (w != 0), jnp.float32, 32)
+    assert_close(gx, gx_ref, jnp.float32, 32)
+    _, tangent = jax.jvp(lambda x: f(a.values, x), (x,), (jnp.ones_like(x),))
+    assert_close(tangent, w @ jnp.ones_like(x), jnp.float32, 32)
+    _, tangent_v = jax.jvp(lambda v: f(v, x), (a.values,), (jnp.ones_like(a.values),))
+    assert_close(tangent_v, (w != 0).astype(jnp.float32) @ x, jnp.float32, 32)
+    xs = jax.random.normal(jax.random.key(7), (3, 32, 2))
+    assert_close(
+        jax.vmap(lambda x: f(a.values, x))(xs), jnp.einsum("ik,bkn->bin", w, xs), jnp.float32, 32
+    )
+    xr = jax.random.normal(jax.random.key(8), (3, 16))  # X @ W: the transposed kernel
+    assert_close(jsparse.matmul(xr, a, impl="cpu"), xr @ w, jnp.float32, 16)
+
+
+def test_nm_gather_from_control_rejects_bad_values():
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        jsparse_native.set_nm_gather_from(0)
+
+
+def test_nm_auto_picks_the_native_kernels_on_cpu():
+    a = jsparse.NM.random(jax.random.key(0), (32, 64), n=2, m=4)
+    for width in (1, 16):
+        x = jnp.ones((64, width))
+        assert "jsparse_nm_spmm" in jax.jit(lambda a, x: a @ x).lower(a, x).as_text()
+    with jax.enable_x64(True):  # float64 is not native: auto takes "xla"
+        a64 = a.astype(jnp.float64)
+        assert "jsparse_nm" not in jax.jit(lambda a, x: a @ x).lower(a64, x).as_text()
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_empty_contraction_gives_zeros(axis):
+    """A dimension of 0 along the contraction: the kernel writes zeros, reads nothing."""
+    shape = (0, 8) if axis == 0 else (8, 0)
+    a = jsparse.NM.fromdense(jnp.zeros(shape), n=2, m=4, axis=axis)
+    x, xt = jnp.ones((shape[1], 3)), jnp.ones((shape[0], 3))
+    for isa in ISAS:
+        with jsparse_native.forced_isa(isa):
+            y, yt = _nm_products_jit(a, x, xt)
+        np.testing.assert_array_equal(y, np.zeros((shape[0], 3)), err_msg=isa)
+        np.testing.assert_array_equal(yt, np.zeros((shape[1], 3)), err_msg=isa)

@@ -55,6 +55,11 @@ int isa_from_env() {
 std::atomic<int> g_isa{isa_from_env()};
 std::atomic<int> g_max_threads{0};   // 0: every thread of XLA's pool
 std::atomic<int> g_last_threads{0};  // threads the last call used (for tests)
+// N:M products contracting the groups: the stored-entries gather kernel from this
+// width of X on, the expand-and-multiply-densely kernel below it. Measured (AVX-512,
+// 2:4, docs/native.md): the dense tiles win at every width, so the gather kernel runs
+// only when forced or when X holds a NaN or an infinity.
+std::atomic<int64_t> g_nm_gather_from{int64_t{1} << 30};
 
 const KernelTable* table_for(int isa) {
   if (isa >= 2 && avx512_kernels()) return avx512_kernels();
@@ -288,35 +293,68 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   const int64_t in_rows = transpose ? rows : cols, out_rows = transpose ? cols : rows;
   if (xd[0] != in_rows || yd[0] != out_rows || yd[1] != ncols)
     return bad("x or the output has the wrong shape");
-  // Every position field must be < m (a field can hold up to 2**bits - 1): checked a
-  // byte at a time against a table of the valid bytes.
-  bool valid[256];
-  for (int b = 0; b < 256; ++b) {
-    valid[b] = true;
-    for (int64_t f = 0; f < per; ++f)
-      if (((b >> (bits * f)) & ((1 << bits) - 1)) >= m) valid[b] = false;
-  }
-  const uint8_t* P = packed.typed_data();
-  const int64_t nbytes = vr * pbytes;
-  for (int64_t e = 0; e < nbytes; ++e) {
-    if (!valid[P[e]])
-      return bad("corrupted N:M positions: a position >= m = " + std::to_string(m) +
-                 " in packed row " + std::to_string(e / pbytes));
-  }
   if (ncols == 0 || out_rows == 0) return ffi::Error::Success();
+  if (in_rows == 0) {  // an empty contraction: a zero output
+    const size_t elem = dtype == Elem::kF32 ? 4 : 2;
+    std::memset(y->untyped_data(), 0, static_cast<size_t>(out_rows * ncols) * elem);
+    return ffi::Error::Success();
+  }
+  // The kernels check every position they read (a field >= m, or positions not strictly
+  // increasing within a group: a corrupted pattern) and drop it; ``bad`` reports it.
+  // Tables of a packed byte: its fields (one per byte) and, when whole groups fit in a
+  // byte and cover 8 or 16 dense lanes, the lanes its entries occupy (the AVX-512
+  // expand's mask; bit 31: the byte is invalid).
+  const uint8_t* P = packed.typed_data();
+  const int64_t fmask = (int64_t{1} << bits) - 1;
+  const int64_t lanes = per % n == 0 ? per / n * m : 0;
+  const bool fast = lanes == 8 || lanes == 16;
+  uint32_t dec_lut[256], mask_lut[256];
+  for (int b = 0; b < 256; ++b) {
+    uint32_t dec = 0, mask = 0;
+    bool ok = true;
+    int64_t prev = -1;
+    for (int64_t f = 0; f < per; ++f) {
+      const int64_t field = (b >> (bits * f)) & fmask;
+      dec |= static_cast<uint32_t>(field) << (8 * f);
+      if (f % n == 0) prev = -1;
+      if (field >= m || field <= prev) ok = false;
+      prev = field;
+      if (fast && field < m) mask |= 1u << ((f / n) * m + field);
+    }
+    dec_lut[b] = dec;
+    mask_lut[b] = mask | (ok ? 0u : 0x80000000u);
+  }
+  // Expanded tiles multiply unstored zeros too: fine unless X holds a NaN or an
+  // infinity (0 * inf = NaN), which only stored entries may meet (one scan of X).
+  bool finite_x = true;
+  {
+    const int64_t count = xd[0] * ncols;
+    uint32_t any = 0;
+    if (dtype == Elem::kF32) {
+      const uint32_t* w = static_cast<const uint32_t*>(x.untyped_data());
+      for (int64_t e = 0; e < count; ++e) any |= (w[e] & 0x7f800000u) == 0x7f800000u;
+    } else {
+      const uint16_t* w = static_cast<const uint16_t*>(x.untyped_data());
+      for (int64_t e = 0; e < count; ++e) any |= (w[e] & 0x7f80u) == 0x7f80u;
+    }
+    finite_x = any == 0;
+  }
+  int bad_flag = 0;
   NmArgs args{values.untyped_data(), P, x.untyped_data(), y->untyped_data(), vr, vc, n, m,
-              bits, pbytes, ncols, axis == 0, dtype};
+              bits, pbytes, ncols, axis == 0, transpose, dtype, fast ? mask_lut : nullptr,
+              lanes, dec_lut, g_nm_gather_from.load(), finite_x, &bad_flag};
   const KernelTable* k = table_for(g_isa.load());
-  const bool gather = (axis == 1) != transpose;
-  const int64_t items = gather ? out_rows : out_rows / m;  // output rows or groups
-  const int64_t parts = std::min<int64_t>(items, pool_parts(pool));
+  const bool grouped_out = (axis == 1) == transpose;
+  const int64_t panel = nm_panel_rows(m, grouped_out);
+  const int64_t items = (out_rows + panel - 1) / panel;
+  // Uniform work: one range per thread (longer runs of W's rows in each).
+  const int64_t parts = std::min<int64_t>(items, std::max<int64_t>(1, pool.num_threads()));
   parallel_for(pool, parts, [&](int64_t c) {
-    const int64_t i0 = items * c / parts, i1 = items * (c + 1) / parts;
-    if (gather)
-      k->nm_rows(args, i0, i1);
-    else
-      k->nm_cols(args, i0, i1);
+    k->nm(args, items * c / parts, items * (c + 1) / parts);
   });
+  if (__atomic_load_n(&bad_flag, __ATOMIC_RELAXED))
+    return bad("corrupted N:M positions: a position >= m = " + std::to_string(m) +
+               " or positions not strictly increasing within a group");
   return ffi::Error::Success();
 }
 
@@ -373,5 +411,8 @@ int jsparse_native_set_isa(int isa) {
 void jsparse_native_set_max_threads(int n) { jsparse_native::g_max_threads.store(std::max(0, n)); }
 int jsparse_native_max_threads() { return jsparse_native::g_max_threads.load(); }
 int jsparse_native_last_threads() { return jsparse_native::g_last_threads.load(); }
+// N:M: the width of X from which the gather kernel runs (benchmarks, tests).
+void jsparse_native_set_nm_gather_from(int n) { jsparse_native::g_nm_gather_from.store(std::max(1, n)); }
+int jsparse_native_nm_gather_from() { return static_cast<int>(jsparse_native::g_nm_gather_from.load()); }
 }
 #pragma GCC visibility pop

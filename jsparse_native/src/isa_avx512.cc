@@ -4,6 +4,8 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
+#include <immintrin.h>
+#define JS_AVX512 1
 #define JS_NS avx512
 #define JS_NAME "avx512"
 #define JS_TABLE avx512_kernels

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace jsparse_native {
 
@@ -45,12 +46,19 @@ struct SddmmArgs {
 };
 
 // N:M products. ``values`` (r x s) with its packed positions (``bits`` per position,
-// ``pbytes`` bytes per row of the values). The dense matrix keeps nn of every mm
-// entries along one axis; ``transposed_values``: the groups run down the values'
-// columns (the stored entries of an output row are a column of the values).
-//   nm_rows (gather):  Y[o, :] = sum_t value(o, t) X[(t / nn) * mm + pos(o, t), :]
-//   nm_cols (scatter): Y[g * mm + pos, :] += value * X[q, :] over the groups g of a range
-// ``ncols``: the width N of X and Y.
+// ``pbytes`` bytes per row of the values). The dense matrix W keeps nn of every mm
+// entries along one axis; ``transposed_values`` (axis 0): the groups run down the
+// values' columns. ``transpose``: the product is W.T @ X, else W @ X. ``ncols``: the
+// width of X and Y.
+//
+// The kernels never trust a position: a field >= mm, or positions not strictly
+// increasing within a group, set ``*bad`` (the handler then returns an error) and the
+// entry is dropped; nothing is addressed through an unchecked position.
+//
+// ``mask_lut`` (nullptr when the configuration has no fast path): for a packed byte,
+// the lanes its entries occupy among the ``lut_lanes`` (8 or 16) dense lanes its whole
+// groups cover, bit 31 set when the byte is invalid (a field >= mm or not increasing).
+// ``dec_lut``: the byte's fields, one per byte of the word (little-endian).
 struct NmArgs {
   const void* values;
   const uint8_t* pos;
@@ -59,15 +67,30 @@ struct NmArgs {
   int64_t r, s, nn, mm, bits, pbytes;
   int64_t ncols;
   bool transposed_values;
+  bool transpose;
   Elem dtype;
+  const uint32_t* mask_lut;
+  int64_t lut_lanes;
+  const uint32_t* dec_lut;
+  int64_t gather_from;  // contraction along the groups: gather kernel from this width on
+  bool finite_x;        // X holds no NaN or infinity (else: stored entries only)
+  int* bad;
 };
+
+// Output rows per work item (the unit of the thread split) of an N:M product: 16, or
+// the smallest multiple of mm >= 64 when the output rows run along the groups (a
+// longer run of each row of W per expansion).
+inline int64_t nm_panel_rows(int64_t mm, bool grouped_out) {
+  return grouped_out ? mm * ((64 + mm - 1) / mm) : 16;
+}
 
 struct KernelTable {
   const char* name;
   void (*spmm)(const SpmmArgs&, int64_t o0, int64_t o1);
   void (*sddmm)(const SddmmArgs&, int64_t b0, int64_t b1);
-  void (*nm_rows)(const NmArgs&, int64_t r0, int64_t r1);   // W @ X, rows of W
-  void (*nm_cols)(const NmArgs&, int64_t g0, int64_t g1);   // W.T @ X, groups of W's columns
+  // op(W) @ X for the work items [i0, i1): output rows [i0 * P, min(i1 * P, rows))
+  // with P = nm_panel_rows(...).
+  void (*nm)(const NmArgs&, int64_t i0, int64_t i1);
 };
 
 const KernelTable* generic_kernels();

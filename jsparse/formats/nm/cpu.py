@@ -1,18 +1,21 @@
 """N:M's ``"cpu"`` implementation: native C++ products behind XLA's FFI.
 
 The kernel (``jsparse_native``) reads the stored values and the *packed* positions
-directly ("load as sparse"): no decompressed matrix, no unpacked positions. For the
-product that contracts the grouped axis (``W @ X`` with ``axis=1``, ``W.T @ X`` with
-``axis=0``) each output row gathers the rows of ``X`` its stored entries select, in
-register tiles of rows x vectors; for the other orientation each group's ``m`` output
-rows collect its entries' rows of ``X`` in an L1 buffer. Only stored entries are ever
-multiplied, so a NaN of ``X`` reaches exactly the outputs a stored entry connects it to
-(the stored-entries semantics, no correction pass). float32 and bfloat16 (float32
-accumulation); AVX-512 / AVX2 / portable paths chosen at run time; XLA's threads.
+directly ("load as sparse, compute as dense"): it expands a small tile of ``W`` into
+a dense float32 tile in L1 (on AVX-512 one masked ``vexpandps`` per 16 lanes, the mask
+looked up from the packed byte, for 1:2, 2:4, 1:4, 1:8, 2:8; a vector compare per
+position for ``axis=0``; scalar stores otherwise) and multiplies it with a dense
+register micro-kernel. One column (a matrix-vector product) streams the expanded
+vectors straight into a dot or an axpy. ``W @ X`` and ``W.T @ X``, either grouped
+axis, any ``n < m``; float32 and bfloat16 (float32 accumulation); AVX-512 / AVX2 /
+portable paths chosen at run time; XLA's threads. When ``X`` holds a NaN or an
+infinity, only stored entries are multiplied (an unstored zero never meets it), as in
+the other implementations.
 
 The gradient's ``dW`` (an SDDMM at the stored positions) runs the ``"xla"`` kernel;
-``dX`` is the native product of the other orientation. A corrupted position (``>= m``)
-that reaches the kernel under ``jit`` raises an error from the call.
+``dX`` is the native product of the other orientation. A corrupted position (``>= m``,
+or not strictly increasing within its group) that reaches the kernel under ``jit``
+raises an error from the call.
 
 Example:
   >>> import jax, jax.numpy as jnp, jsparse

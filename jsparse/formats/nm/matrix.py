@@ -151,19 +151,23 @@ class NM(AbstractSparseMatrix):
         return self.n, self.m, self.axis
 
     def auto_order(self, op: str):
-        """``"xla"`` first on CPU (docs/nm.md): its matrix-vector product reads only the
-        stored bytes, and for a wider operand both it and ``"dense"`` decompress and
-        call a dense ``dot`` (``"xla"`` a cache-sized chunk at a time); Pallas in place
-        of XLA on GPU.
+        """On CPU the native kernels first for ``matmul`` (docs/native.md: faster than
+        ``"xla"`` at every measured width), then ``"xla"`` (docs/nm.md: its
+        matrix-vector product reads only the stored bytes; for a wider operand it
+        decompresses a cache-sized chunk at a time); Pallas in place of XLA on GPU.
 
         Example:
           >>> import jax.numpy as jnp, jsparse
           >>> a = jsparse.NM.fromdense(jnp.ones((4, 8)))
-          >>> a.auto_order("matmul")["default"], a.auto_order("scale")
-          (['xla', 'dense'], ['xla'])
+          >>> a.auto_order("matmul")["cpu"], a.auto_order("matmul")["default"]
+          (['cpu', 'xla', 'dense'], ['xla', 'dense'])
+          >>> a.auto_order("scale")
+          ['xla']
         """
         if op == "matmul":
-            return with_pallas(["xla", "dense"])
+            order = with_pallas(["xla", "dense"])
+            order["cpu"] = ["cpu", "xla", "dense"]
+            return order
         return ["xla"]
 
     @property
