@@ -20,7 +20,7 @@ from jsparse.formats.nm import xla as xla_nm
 from oracle import assert_close
 
 SETTINGS = settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 # Every example of these compiles for a new shape: fewer examples.
 FEW = settings(SETTINGS, max_examples=8)
