@@ -23,7 +23,7 @@ SETTINGS = settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 # Every example of these compiles for a new shape: fewer examples.
-FEW = settings(SETTINGS, max_examples=8)
+FEW = settings(SETTINGS, max_examples=5)
 
 
 # ------------------------------------------------------------ NumPy references

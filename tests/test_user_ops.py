@@ -106,9 +106,11 @@ def test_sum(name):
     close(a.sum(axis=1), dense.sum(1))
     close(a.sum(axis=-1), dense.sum(1))
     close(jax.jit(lambda a: a.sum(0))(a), dense.sum(0))
-    stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), a)
+    # the same pattern with doubled values (doubling the leaves would corrupt indices)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), a, jsparse.scale(a, 2.0))
     out = jax.vmap(lambda s: s.sum(1))(stacked)
     close(out[0], dense.sum(1))
+    close(out[1], 2 * dense.sum(1))
     with pytest.raises(ValueError, match="axis"):
         a.sum(axis=2)
 
