@@ -187,14 +187,7 @@ def _layer(name, rngs, **kwargs):
 
 def _train(model, x, y, steps=2):
     optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-        optimizer.update(model, g)
-        return loss
-
-    return [step(model, optimizer, x, y) for _ in range(steps)]
+    return [_step(model, optimizer, x, y) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
@@ -276,6 +269,13 @@ def _net_loss(model, x, y):
     return jnp.mean((model(x) - y) ** 2)
 
 
+@nnx.jit
+def _step(model, optimizer, x, y):
+    loss, g = nnx.value_and_grad(_net_loss)(model, x, y)
+    optimizer.update(model, g)
+    return loss
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["rigl", "set"])
 def test_dynamic_sparse_training_data_parallel_equals_one_device(algorithm):
@@ -292,12 +292,6 @@ def test_dynamic_sparse_training_data_parallel_equals_one_device(algorithm):
         optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
         @nnx.jit
-        def step(model, optimizer, x, y):
-            loss, g = nnx.value_and_grad(_net_loss)(model, x, y)
-            optimizer.update(model, g)
-            return loss
-
-        @nnx.jit
         def update(model, optimizer, t, x, y):
             if algorithm == "set":
                 return dst.update(model, optimizer, t)
@@ -305,7 +299,7 @@ def test_dynamic_sparse_training_data_parallel_equals_one_device(algorithm):
 
         patterns = []
         for t in range(1, 51):
-            step(model, optimizer, x, y)
+            _step(model, optimizer, x, y)
             if dst.is_update_step(t):
                 update(model, optimizer, jnp.asarray(t), x, y)
                 patterns.append(np.asarray(model.hidden.kernel_indices[...]))
@@ -336,15 +330,9 @@ def test_gradual_magnitude_pruning_data_parallel_equals_one_device():
         model = _SparseNet(nnx.Rngs(0))
         optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
-        @nnx.jit
-        def step(model, optimizer, x, y):
-            loss, g = nnx.value_and_grad(_net_loss)(model, x, y)
-            optimizer.update(model, g)
-            return loss
-
         patterns, losses = [], []
         for t in range(1, 16):
-            losses.append(float(step(model, optimizer, x, y)))
+            losses.append(float(_step(model, optimizer, x, y)))
             if gmp.update(model, optimizer, t):
                 patterns.append(np.asarray(model.hidden.kernel_indices[...]))
         return patterns, losses, model, optimizer
