@@ -4,6 +4,10 @@
   the standard library as ``pydoc_data.topics`` (the reference-manual topics that
   ``help()`` shows), tokenized and cut into fixed-length chunks. The chunks are split
   once, by a fixed shuffle, into a calibration part and a disjoint fine-tuning part.
+- Vocabulary mixing for fine-tuning: :func:`common_words`, the tokenizer's whole-word
+  tokens in its frequency order (BERT's WordPiece vocabulary lists words by how often
+  they occur in general English), to replace the words of some fine-tuning windows so
+  that distillation also sees everyday vocabulary, not only documentation prose.
 - Evaluation: :data:`HELD_OUT`, everyday sentences written for this example (none is
   documentation prose), grouped loosely by topic with some near-paraphrases, so the
   pairwise-similarity matrix has structure worth preserving.
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["HELD_OUT", "documentation_chunks", "split_chunks"]
+__all__ = ["HELD_OUT", "common_words", "documentation_chunks", "split_chunks"]
 
 CLS, SEP = 101, 102
 
@@ -54,6 +58,21 @@ def split_chunks(chunks: np.ndarray, calibration: int, seed: int = 0):
         raise ValueError(f"calibration={calibration} chunks out of {len(chunks)} available")
     order = np.random.default_rng(seed).permutation(len(chunks))
     return chunks[np.sort(order[:calibration])], chunks[np.sort(order[calibration:])]
+
+
+def common_words(tokenizer, first: int = 1996, last: int = 20000):
+    """``(ids, probabilities)``: the alphabetic whole-word tokens with ids in
+    ``[first, last)`` (1996 is "the", the first word of the uncased BERT vocabulary,
+    whose words follow their frequency in general English), weighted by Zipf's law
+    (``1 / rank``), for drawing word sequences with an everyday vocabulary."""
+    vocab = tokenizer.get_vocab()
+    ids = np.sort(
+        np.asarray([i for t, i in vocab.items() if first <= i < last and t.isalpha()], np.int32)
+    )
+    if len(ids) == 0:
+        raise ValueError(f"no whole-word token with an id in [{first}, {last})")
+    weights = 1.0 / np.arange(1, len(ids) + 1)
+    return ids, weights / weights.sum()
 
 
 #: Everyday sentences for evaluation, never used to calibrate or fine-tune.
