@@ -32,6 +32,7 @@ __all__ = [
     "set_isa",
     "set_max_threads",
     "set_nm_gather_from",
+    "set_nm_gather_upto",
     "supported_isas",
 ]
 
@@ -70,7 +71,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     for name in ("jsparse_native_isa", "jsparse_native_best_isa", "jsparse_native_set_isa",
                  "jsparse_native_max_threads", "jsparse_native_last_threads",
-                 "jsparse_native_nm_gather_from"):  # fmt: skip
+                 "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
     return lib, None
 
@@ -234,3 +235,24 @@ def set_nm_gather_from(n: int) -> int:
     previous = lib.jsparse_native_nm_gather_from()
     lib.jsparse_native_set_nm_gather_from(n)
     return previous
+
+
+def set_nm_gather_upto(n: int | None) -> int | None:
+    """Width of ``X`` up to which (from 2 columns) an N:M product runs the narrow-``X``
+    kernels (the stored-entries gather kernel, which does ``n / m`` of the dense FMAs, and
+    for 2 to 8 columns the row-dot, column-axpy and group-dot kernels; docs/native.md)
+    instead of expanded tiles; ``0``: never, ``None``: the measured default of the
+    instruction set. Returns the previous setting. For tests and benchmarks.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_nm_gather_upto(0)
+      ...     _ = jsparse_native.set_nm_gather_upto(old)
+    """
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ValueError(f"n must be None or an int >= 0, got {n!r}")
+    lib = _lib()
+    previous = lib.jsparse_native_nm_gather_upto()
+    lib.jsparse_native_set_nm_gather_upto(-1 if n is None else n)
+    return None if previous < 0 else previous

@@ -10,6 +10,7 @@ the fallback without the extension.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import hypothesis.strategies as st
@@ -352,7 +353,23 @@ def _nm_case(rng, n, m, axis, dtype, grouped=None, other=37):
     return _nm(rng, n, m, axis, grouped // m, other, dtype)
 
 
-def _nm_check_all_isas(a, w, widths, dtype, paths=("auto", "gather"), nan=False):
+@contextlib.contextmanager
+def _nm_path(path):
+    """Force a kernel path of the N:M products: "auto" (the handler's choice by width:
+    for 2..8 columns the row-dot / column-axpy (AVX-512, along the groups) and group-dot
+    (across) kernels, the gather kernel up to the measured width, expanded tiles above),
+    "gather" (stored entries at every width, contraction along the groups) or "dense"
+    (expanded tiles at every width > 1)."""
+    old_from = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
+    old_upto = jsparse_native.set_nm_gather_upto(0 if path == "dense" else None)
+    try:
+        yield
+    finally:
+        jsparse_native.set_nm_gather_from(old_from)
+        jsparse_native.set_nm_gather_upto(old_upto)
+
+
+def _nm_check_all_isas(a, w, widths, dtype, paths=("auto", "gather", "dense"), nan=False):
     rng = np.random.default_rng(1)
     rows, cols = w.shape
     for b in widths:
@@ -372,12 +389,8 @@ def _nm_check_all_isas(a, w, widths, dtype, paths=("auto", "gather"), nan=False)
             want_yt = np.where(w[:1, :].T != 0, np.nan, want_yt)
         for isa in ISAS:
             for path in paths if b > 1 else ("auto",):  # one column: the vector loop
-                old = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
-                try:
-                    with jsparse_native.forced_isa(isa):
-                        y, yt = _nm_products_jit(a, xj, xtj)
-                finally:
-                    jsparse_native.set_nm_gather_from(old)
+                with _nm_path(path), jsparse_native.forced_isa(isa):
+                    y, yt = _nm_products_jit(a, xj, xtj)
                 msg = f"{a.n}:{a.m} axis {a.axis} B {b} {isa} {path}"
                 assert y.dtype == yt.dtype == dtype
                 assert_close(y, want_y, dtype, cols, err_msg=f"W @ X {msg}")
@@ -431,22 +444,21 @@ def _corrupt_positions(a, kind):
 @pytest.mark.parametrize("transpose", [False, True])
 def test_nm_corrupted_positions_raise_on_every_path(kind, axis, transpose):
     n, m = (1, 3) if kind == "out_of_range" else (2, 4)
-    a, w = _nm_case(np.random.default_rng(4), n, m, axis, jnp.float32, other=16)
+    # 2:4 over 64 columns: whole 16-lane vectors (the AVX-512 row-dot kernel at B = 3).
+    grouped = 64 if m == 4 else None
+    a, w = _nm_case(np.random.default_rng(4), n, m, axis, jnp.float32, grouped, other=16)
     rows, cols = w.shape
     bad = _corrupt_positions(a, kind)
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, transpose, a.values, p, x))
-    for b in (1, 17):
+    for b in (1, 3, 17):
         x = jnp.ones((rows if transpose else cols, b))
         for isa in ISAS:
-            for gather_from, x_in in ((10**6, x), (1, x), (10**6, x.at[0].set(jnp.nan))):
-                old = jsparse_native.set_nm_gather_from(gather_from)
-                try:
-                    with jsparse_native.forced_isa(isa):
-                        with pytest.raises(Exception, match="corrupted N:M positions"):
-                            jax.block_until_ready(f(bad, x_in))
-                        ok = f(a.positions, x)
-                finally:
-                    jsparse_native.set_nm_gather_from(old)
+            paths = (("auto", x), ("gather", x), ("dense", x), ("auto", x.at[0].set(jnp.nan)))
+            for path, x_in in paths:
+                with _nm_path(path), jsparse_native.forced_isa(isa):
+                    with pytest.raises(Exception, match="corrupted N:M positions"):
+                        jax.block_until_ready(f(bad, x_in))
+                    ok = f(a.positions, x)
                 want = (w.T if transpose else w) @ np.ones((x.shape[0], b))
                 assert_close(ok, want, jnp.float32, x.shape[0], err_msg=f"{isa} B {b}")
 
@@ -477,6 +489,34 @@ def test_nm_jit_grad_jvp_vmap_both_axes(axis):
 def test_nm_gather_from_control_rejects_bad_values():
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         jsparse_native.set_nm_gather_from(0)
+    with pytest.raises(ValueError, match="n must be None or an int >= 0"):
+        jsparse_native.set_nm_gather_upto(-1)
+
+
+# Narrow X (2 .. 64 columns): the row-dot / column-axpy (AVX-512, whole 16-lane vectors
+# of a row, 2..8 columns), group-dot (axis 0, 2..8) and gather kernels (its column tail:
+# a masked partial vector) against the expanded tiles, around every vector width of
+# every instruction set, both orientations.
+_NARROW = (2, 3, 8, 15, 16, 17, 33, 48, 49)
+
+
+@pytest.mark.parametrize(
+    "nm", [(1, 4), (2, 4), (2, 8), (4, 8), (1, 2)], ids=lambda nm: f"{nm[0]}of{nm[1]}"
+)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_narrow_x_every_path(nm, axis):
+    n, m = nm
+    # 64 grouped entries: whole vectors (row-dot); other = 21: a tail of output rows.
+    a, w = _nm_case(np.random.default_rng(6), n, m, axis, jnp.float32, grouped=64, other=21)
+    _nm_check_all_isas(a, w, _NARROW if nm == (2, 4) else (2, 16, 49), jnp.float32)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 2)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_narrow_x_every_path_bfloat16(nm, axis):
+    n, m = nm
+    a, w = _nm_case(np.random.default_rng(7), n, m, axis, jnp.bfloat16, grouped=64, other=19)
+    _nm_check_all_isas(a, w, (3, 16, 33), jnp.bfloat16)
 
 
 def test_nm_auto_picks_the_native_kernels_on_cpu():

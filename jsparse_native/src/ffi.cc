@@ -56,10 +56,19 @@ std::atomic<int> g_isa{isa_from_env()};
 std::atomic<int> g_max_threads{0};   // 0: every thread of XLA's pool
 std::atomic<int> g_last_threads{0};  // threads the last call used (for tests)
 // N:M products contracting the groups: the stored-entries gather kernel from this
-// width of X on, the expand-and-multiply-densely kernel below it. Measured (AVX-512,
-// 2:4, docs/native.md): the dense tiles win at every width, so the gather kernel runs
-// only when forced or when X holds a NaN or an infinity.
+// width of X on (forced: tests, benchmarks; by default only when X holds a NaN or an
+// infinity, as the expanded tiles win for wide X).
 std::atomic<int64_t> g_nm_gather_from{int64_t{1} << 30};
+// The narrow-X kernels (gather, row-dot, column-axpy, group-dot: docs/native.md) from 2
+// columns up to this width (one column runs the matrix-vector loops), where the dense
+// product is FMA-bound and the gather kernel's n / m of its FMAs win. -1: the measured
+// default per instruction set (kGatherUpto).
+std::atomic<int64_t> g_nm_gather_upto{-1};
+// Measured (docs/native.md, "Speed"), 2:4, 4096 x 4096, one thread: AVX-512 gather /
+// expanded tiles 5.0 / 7.9 ms at 16 columns, 8.8 / 11.9 at 48, 15.4 / 16.8 at 64,
+// 20.1 / 22.0 at 96 (the row-dot kernel takes 2..8 columns); AVX2 9.1 / 44.9 at 16,
+// 16.3 / 54.7 at 48; portable 19.3 / 48.8 at 16, 39.6 / 79.6 at 48.
+constexpr int64_t kGatherUpto[3] = {64, 64, 64};  // generic, avx2, avx512
 
 const KernelTable* table_for(int isa) {
   if (isa >= 2 && avx512_kernels()) return avx512_kernels();
@@ -342,8 +351,11 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   int bad_flag = 0;
   NmArgs args{values.untyped_data(), P, x.untyped_data(), y->untyped_data(), vr, vc, n, m,
               bits, pbytes, ncols, axis == 0, transpose, dtype, fast ? mask_lut : nullptr,
-              lanes, dec_lut, g_nm_gather_from.load(), finite_x, &bad_flag};
-  const KernelTable* k = table_for(g_isa.load());
+              lanes, dec_lut, g_nm_gather_from.load(), 0, finite_x, &bad_flag};
+  const int isa = g_isa.load();
+  const KernelTable* k = table_for(isa);
+  const int64_t upto = g_nm_gather_upto.load();
+  args.gather_upto = upto >= 0 ? upto : kGatherUpto[std::max(0, std::min(isa, 2))];
   const bool grouped_out = (axis == 1) == transpose;
   const int64_t panel = nm_panel_rows(m, grouped_out);
   const int64_t items = (out_rows + panel - 1) / panel;
@@ -414,5 +426,8 @@ int jsparse_native_last_threads() { return jsparse_native::g_last_threads.load()
 // N:M: the width of X from which the gather kernel runs (benchmarks, tests).
 void jsparse_native_set_nm_gather_from(int n) { jsparse_native::g_nm_gather_from.store(std::max(1, n)); }
 int jsparse_native_nm_gather_from() { return static_cast<int>(jsparse_native::g_nm_gather_from.load()); }
+// ... and up to this width (0: never; -1: the measured default).
+void jsparse_native_set_nm_gather_upto(int n) { jsparse_native::g_nm_gather_upto.store(std::max(-1, n)); }
+int jsparse_native_nm_gather_upto() { return static_cast<int>(jsparse_native::g_nm_gather_upto.load()); }
 }
 #pragma GCC visibility pop

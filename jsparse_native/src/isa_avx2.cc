@@ -4,6 +4,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 // tune=haswell: GCC's generic tuning splits unaligned 256-bit loads and stores in two.
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt,tune=haswell")
+#include <immintrin.h>
+#define JS_AVX2 1
 #define JS_NS avx2
 #define JS_NAME "avx2"
 #define JS_TABLE avx2_kernels

@@ -72,7 +72,10 @@ struct NmArgs {
   const uint32_t* mask_lut;
   int64_t lut_lanes;
   const uint32_t* dec_lut;
-  int64_t gather_from;  // contraction along the groups: gather kernel from this width on
+  // Widths 2 .. gather_upto: the narrow-X kernels (gather, row-dot, column-axpy,
+  // group-dot); from gather_from on: the gather kernel (forced); else expanded tiles.
+  int64_t gather_from;
+  int64_t gather_upto;
   bool finite_x;        // X holds no NaN or infinity (else: stored entries only)
   int* bad;
 };

@@ -6,7 +6,13 @@ a dense float32 tile in L1 (on AVX-512 one masked ``vexpandps`` per 16 lanes, th
 looked up from the packed byte, for 1:2, 2:4, 1:4, 1:8, 2:8; a vector compare per
 position for ``axis=0``; scalar stores otherwise) and multiplies it with a dense
 register micro-kernel. One column (a matrix-vector product) streams the expanded
-vectors straight into a dot or an axpy. ``W @ X`` and ``W.T @ X``, either grouped
+vectors straight into a dot or an axpy. A narrow ``X`` (2 to 64 columns) runs kernels
+chosen by its width inside the call: for a contraction along the groups, only the
+stored entries' FMAs (each entry's value and row of ``X`` decoded into L1, a vector of
+positions at a time), or for 2 to 8 columns each expanded row vector meeting every
+column of ``X`` (for ``W.T @ X``: added into each column's accumulators); across the
+groups, 2 to 8 columns expand each group's rows once for all columns
+(docs/native.md). ``W @ X`` and ``W.T @ X``, either grouped
 axis, any ``n < m``; float32 and bfloat16 (float32 accumulation); AVX-512 / AVX2 /
 portable paths chosen at run time; XLA's threads. When ``X`` holds a NaN or an
 infinity, only stored entries are multiplied (an unstored zero never meets it), as in
