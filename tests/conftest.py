@@ -24,3 +24,20 @@ for _flag, _value in _FLAGS.items():
 
 # Compile-only GPU and TPU devices (tests/compile_targets.py) work with JAX_PLATFORMS=cpu.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the whole session, shared by the xdist workers
+# (they inherit this process's environment) and the subprocesses some tests start:
+# many tests compile the same small programs (an example through several test
+# functions), and a hit skips XLA's compilation. A fresh folder per session, removed
+# at exit by the process that made it, so a rebuilt native library or a changed kernel
+# never meets an executable compiled before it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="jsparse-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

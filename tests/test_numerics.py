@@ -40,13 +40,16 @@ def product(a, x, impl, transpose):
     return jsparse.matmul(x.T, a, impl=impl).T if transpose else jsparse.matmul(a, x, impl=impl)
 
 
-@pytest.mark.parametrize("value", [jnp.nan, jnp.inf, -jnp.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("value", [jnp.nan, jnp.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("ncols", [1, 3])
 @pytest.mark.parametrize("transpose", [False, True], ids=["A@x", "x@A"])
 @pytest.mark.parametrize("name", sorted(ENTRYWISE))
 def test_nonfinite_operand_entrywise_formats(name, transpose, ncols, value):
     a = ENTRYWISE[name]()
-    x = jnp.ones((32, ncols)).at[5, 0].set(value).at[9, ncols - 1].set(jnp.nan)
+    # ``value`` and -``value`` in two rows of x (an output both reach is NaN) and a NaN
+    # in a third, in the last column.
+    x = jnp.ones((32, ncols)).at[5, 0].set(value).at[20, 0].set(-value)
+    x = x.at[9, ncols - 1].set(jnp.nan)
     ref = stored_reference(a, x, transpose)
     for impl in (*jsparse.implementations("matmul", type(a)), "auto"):
         y = product(a, x, impl, transpose)

@@ -25,7 +25,8 @@ F32 = jnp.float32
 
 
 def _impls(fmt):
-    return ["auto", *jsparse.implementations("matmul", fmt)]
+    # Not "auto": it runs one of these (chosen at trace time), so it adds no rule.
+    return list(jsparse.implementations("matmul", fmt))
 
 
 def _format_of(factory):
