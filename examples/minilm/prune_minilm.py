@@ -184,7 +184,7 @@ SEQUENTIAL = {
 
 SEQUENTIAL_TEXT = {
     "layers": "sequential: each layer is calibrated on the outputs of the already-pruned"
-    " layers before it; SparseGPT fits the dense model's outputs",
+    " layers before it",
     "blocks": "block-sequential: the layers of each block are calibrated together on the"
     " outputs of the already-pruned blocks before it",
     "none": "not sequential: every layer is calibrated on the dense model's activations",

@@ -227,7 +227,11 @@ def oneshot(
       jit: run ``forward`` under :func:`flax.nnx.jit` while collecting statistics.
       impl: the matmul implementation of the new layers.
       **method_options: SparseGPT's ``damping`` (fraction of the mean Hessian
-        diagonal, 0.01) and ``block_size`` (128).
+        diagonal, 0.01), ``block_size`` (128) and ``match_dense`` (``False``; in
+        sequential mode, ``True`` first refits each layer to the *dense* model's
+        outputs given the pruned inputs it gets, :func:`~jsparse.prune.corrected_kernel`:
+        a lower error on the calibration data, but a closer fit to it, which on a
+        pretrained encoder lowered the quality on other text; docs/pruning.md).
 
     Returns:
       ``(model, report)``: the model (the same object) and a
@@ -255,9 +259,11 @@ def oneshot(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    unknown = set(method_options) - ({"damping", "block_size"} if method == "sparsegpt" else set())
+    takes = {"damping", "block_size", "match_dense"} if method == "sparsegpt" else set()
+    unknown = set(method_options) - takes
     if unknown:
         raise TypeError(f"method {method!r} does not take the option(s) {sorted(unknown)}")
+    match_dense = bool(method_options.pop("match_dense", False))
     if not isinstance(sequential, bool | str):
         raise TypeError(f"sequential must be a bool or a block regex, got {sequential!r}")
     structure = parse_structure(structure)
@@ -299,12 +305,10 @@ def oneshot(
         for group in groups:
             if sequential:
                 t0 = time.perf_counter()
-                # SparseGPT matches the dense model's outputs: cross terms against the
-                # inputs the group gets with the pruned layers dense.
+                # match_dense: cross terms against the inputs the group gets with the
+                # pruned layers dense, so SparseGPT fits the dense model's outputs.
                 reference = (
-                    {path_str(p): linear for p, linear, _, _ in done}
-                    if method == "sparsegpt"
-                    else None
+                    {path_str(p): linear for p, linear, _, _ in done} if match_dense else None
                 )
                 stats = collect_statistics(
                     model, forward, batches, filter=only(group), gram=True, jit=jit,
