@@ -615,3 +615,23 @@ def test_bad_input_errors_name_the_problem():
     with pytest.raises(ValueError, match="'layers/2' are not finite"):
         prune.oneshot(model, poisoned, batches)
     assert list(model.layers) == layers
+
+
+def test_wanda_blocks_exact_when_the_count_does_not_divide_the_columns():
+    """12 block-rows per block-column at 70%: 8.4 pruned each. Wanda keeps 3 or 4 per
+    block-column and exactly keep_count(144, 0.7) = 44 blocks in the layer; the extra
+    blocks go to the columns whose 4th-best block scores highest."""
+    rng = np.random.default_rng(11)
+    scores = rng.random((48, 48)).astype(np.float32)
+    mask = np.asarray(prune.select_mask(scores, (4, 4), 0.7, per_output=True))
+    kept = mask.reshape(12, 4, 12, 4).all((1, 3))
+    assert np.array_equal(mask, np.repeat(np.repeat(kept, 4, 0), 4, 1))  # whole blocks
+    assert kept.sum() == prune.keep_count(144, 0.7) == 44
+    block = (scores**2).reshape(12, 4, 12, 4).sum((1, 3))
+    ranked = -np.sort(-block, axis=0)
+    extra = np.argsort(-ranked[3], kind="stable")[: 44 - 3 * 12]
+    expected = np.full(12, 3)
+    expected[extra] = 4
+    np.testing.assert_array_equal(kept.sum(0), expected)
+    for c in range(12):  # the best blocks of each column
+        np.testing.assert_array_equal(kept[:, c], block[:, c] >= ranked[expected[c] - 1, c])

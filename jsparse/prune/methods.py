@@ -100,7 +100,16 @@ def _block_mask(scores, keep, *, bm, bn, squared, per_output):
     rows, cols = scores.shape
     s = scores * scores if squared else scores
     block = s.reshape(rows // bm, bm, cols // bn, bn).sum(axis=(1, 3))
-    kept = _rank_keep(block, keep, axis=0 if per_output else None)
+    if per_output:
+        # ``keep`` blocks in all: ``keep // ncols`` in every block-column, and one more
+        # in the ``keep % ncols`` columns whose next-best block scores highest.
+        nrows, ncols = block.shape
+        base, extra = keep // ncols, keep % ncols
+        following = -jnp.sort(-block, axis=0)[jnp.minimum(base, nrows - 1)]
+        per_column = base + _rank_keep(following, extra, axis=0).astype(keep.dtype)
+        kept = _rank_keep(block, per_column[None, :], axis=0)
+    else:
+        kept = _rank_keep(block, keep, axis=None)
     return jnp.repeat(jnp.repeat(kept, bm, axis=0), bn, axis=1)
 
 
@@ -119,7 +128,10 @@ def select_mask(
       structure: the target (:func:`~jsparse.prune.parse_structure`).
       sparsity: the fraction pruned (blocks); ignored for N:M.
       per_output: compare within each output (each block-column of outputs) and keep
-        the same count in each (Wanda's rule), instead of across the layer.
+        the same count in each (Wanda's rule), instead of across the layer; when the
+        count does not divide evenly, the remainder goes one block each to the
+        columns whose next-best block scores highest, so the layer's sparsity is
+        exact either way.
       squared_blocks: rank blocks by the sum of squared scores (their L2 norm) rather
         than the sum of scores.
 
@@ -145,7 +157,7 @@ def select_mask(
     sparsity = check_sparsity(sparsity)
     bm, bn = structure.block_shape
     rows, cols = scores.shape
-    candidates = rows // bm if per_output else (rows // bm) * (cols // bn)
+    candidates = (rows // bm) * (cols // bn)
     return _block_mask(
         scores, jnp.int32(keep_count(candidates, sparsity)), bm=bm, bn=bn,
         squared=squared_blocks and not structure.unstructured, per_output=per_output,
@@ -197,7 +209,9 @@ def wanda_prune(
 ) -> tuple[jax.Array, jax.Array]:
     """Wanda: score ``|W_ij|·‖x_i‖`` and keep the best within each output (no weight
     update). Blocks are compared within each block-column of outputs by the L2 norm
-    of their scores; N:M keeps the ``n`` best of every ``m`` inputs of each output.
+    of their scores (the layer's block count exact:
+    :func:`~jsparse.prune.select_mask`); N:M keeps the ``n`` best of every ``m``
+    inputs of each output.
 
     Args:
       kernel: ``(in, out)``.
