@@ -417,21 +417,27 @@ def order_counts(variants) -> dict[str, dict[str, int]]:
 
 
 def held_out_order(variants) -> str:
-    """A sentence: how often the calibration order also held on held-out sentences."""
-    cos = {(v["target"], v["method"]): v["oneshot"]["cosine"] for v in variants}
+    """A sentence: how often the calibration order also held on held-out text."""
     targets = [
         t
         for t in dict.fromkeys(v["target"] for v in variants)
-        if all((t, m) in cos for m in METHODS)
+        if all(any(v["target"] == t and v["method"] == m for v in variants) for m in METHODS)
     ]
     if not targets:
         return ""
-    sw = sum(cos[t, "sparsegpt"] >= cos[t, "wanda"] for t in targets)
-    wm = sum(cos[t, "wanda"] >= cos[t, "magnitude"] for t in targets)
+
+    def counts(key):
+        cos = {(v["target"], v["method"]): v[key]["cosine"] for v in variants}
+        sw = sum(cos[t, "sparsegpt"] >= cos[t, "wanda"] for t in targets)
+        wm = sum(cos[t, "wanda"] >= cos[t, "magnitude"] for t in targets)
+        return sw, wm
+
+    (sw, wm), (dsw, dwm) = counts("oneshot"), counts("oneshot_docs")
     return (
-        f"In this run, on the held-out sentences before fine-tuning, SparseGPT kept a mean"
-        f" cosine at least as high as Wanda's for {sw} of the {len(targets)} targets, and"
-        f" Wanda at least as high as magnitude's for {wm} of {len(targets)}."
+        f"In this run, before fine-tuning, SparseGPT kept a mean cosine at least as high as"
+        f" Wanda's for {sw} of the {len(targets)} targets on the everyday sentences and"
+        f" {dsw} of {len(targets)} on held-out documentation; Wanda at least as high as"
+        f" magnitude's for {wm} and {dwm} of {len(targets)}."
     )
 
 
