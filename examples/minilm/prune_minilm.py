@@ -13,7 +13,8 @@ standard library (``pydoc_data``), to
 by magnitude, Wanda and SparseGPT. Each pruned encoder is then fine-tuned with
 SquareHead distillation (per-layer normalised MSE to the dense encoder's hidden states,
 plus a sentence-embedding cosine term; ``--ft-embedding-weight 0`` for SquareHead
-alone) on sentence-length windows of other chunks of the same documentation. For
+alone) on sentence-length windows of other chunks of the same documentation, half of
+them replaced by sequences of common English words (``--ft-vocab-mix``). For
 every variant, before and after fine-tuning, on everyday sentences never seen in
 calibration or fine-tuning (``data.HELD_OUT``), it reports the mean cosine similarity
 to the dense embeddings and the Spearman correlation of the pairwise-similarity
