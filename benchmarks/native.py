@@ -15,6 +15,9 @@ from benchmarks.timing import markdown_table, paired_speedup, paired_times
 from jsparse import BCSR, NM, matmul
 
 _ROUNDS = {"reps": 3, "run": 5}
+# Calls of a few milliseconds or less (the thread scaling, N:M at narrow widths) are
+# memory-bound and noisy from one round to the next: more, longer rounds cost little.
+_ROUNDS_SHORT = {"reps": 11, "run": 10}
 
 
 def _case(shape, block_shape, density, n):
@@ -99,9 +102,9 @@ def _scaling_rows(a: BCSR, x) -> list:
     rows = []
     previous = jsparse_native.set_max_threads(1)
     try:
-        t_one = paired_times(dense, (w, x), f, (a, x), **_ROUNDS)[1]
+        t_one = paired_times(dense, (w, x), f, (a, x), **_ROUNDS_SHORT)[1]
         jsparse_native.set_max_threads(0)
-        t_all = paired_times(dense, (w, x), f, (a, x), **_ROUNDS)[1]
+        t_all = paired_times(dense, (w, x), f, (a, x), **_ROUNDS_SHORT)[1]
         rows.append(
             ["threads: all / one", f"{t_all * 1e3:.2f} / {t_one * 1e3:.2f} ms", t_one / t_all]
         )
@@ -119,15 +122,16 @@ def _nm_row(a: NM, x) -> list:
     w = a.todense()
     dense = jax.jit(lambda w, x: w @ x)
     row = [f"{a.n}:{a.m} axis {a.axis}", x.shape[1]]
+    rounds = _ROUNDS_SHORT if x.shape[1] <= 64 else _ROUNDS
     for impl in ("cpu", "xla", "auto"):
         f = jax.jit(lambda a, x, impl=impl: matmul(a, x, impl=impl))
-        t_dense, speedup = paired_speedup(dense, (w, x), f, (a, x), **_ROUNDS)
+        t_dense, speedup = paired_speedup(dense, (w, x), f, (a, x), **rounds)
         row.append(speedup)
     # W.T @ X (the dX of a gradient): x @ W through the native kernel, against the
     # dense product with W.T materialised once (its best layout).
     xt = x.T
     f_t = jax.jit(lambda a, xt: matmul(xt, a, impl="cpu"))
-    row.append(paired_speedup(dense, (xt, w), f_t, (a, xt), **_ROUNDS)[1])
+    row.append(paired_speedup(dense, (xt, w), f_t, (a, xt), **rounds)[1])
     target = jnp.ones((a.shape[0], x.shape[1]))
     g_dense = jax.jit(jax.grad(lambda w, x: jnp.sum((w @ x - target) ** 2), argnums=(0, 1)))
 
@@ -135,7 +139,7 @@ def _nm_row(a: NM, x) -> list:
         return jnp.sum((matmul(a.with_values(values), x, impl="cpu") - target) ** 2)
 
     g_cpu = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    row.append(paired_speedup(g_dense, (w, x), g_cpu, (a.values, x), **_ROUNDS)[1])
+    row.append(paired_speedup(g_dense, (w, x), g_cpu, (a.values, x), **rounds)[1])
     return [*row[:2], t_dense * 1e3, *row[2:]]
 
 
@@ -182,7 +186,8 @@ def run(quick: bool = False) -> str:
     return (
         f"## Native CPU kernels: BCSR A {size}x{size} @ X {size}x{n}, float32\n\n"
         "Speedups over dense `jnp` (dense time / method time; > 1 is faster), the median "
-        "over 3 alternating rounds of 5 consecutive runs after warm-up, one process; "
+        "over 3 alternating rounds of 5 consecutive runs after warm-up (11 rounds of 10 for "
+        "the thread scaling and N:M up to 64 columns), one process; "
         "GFLOP/s of the native kernel count the stored blocks' flops.\n\n"
         f"{fwd}\n\n"
         "`value_and_grad` with respect to (A's values, X) of `sum((A @ X - T)**2)`: "
