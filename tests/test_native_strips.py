@@ -45,6 +45,10 @@ def _strips(on: bool):
         jsparse_native.set_bcsr_strips(previous)
 
 
+# One compilation per shape (eagerly, the derived CSC view compiles a dozen small ops).
+_make_bcsr = jax.jit(lambda d, i, p, shape: jsparse.BCSR(d, i, p, shape=shape), static_argnums=3)
+
+
 def _bcsr(rng, grid, block_shape, density, dtype, empty_rows=()):
     """A random BCSR on a ``grid`` of blocks (``empty_rows`` block-rows hold nothing) and
     its dense float64 matrix, built in numpy (``fromdense`` compiles per shape)."""
@@ -55,7 +59,7 @@ def _bcsr(rng, grid, block_shape, density, dtype, empty_rows=()):
     data = jax.device_put(rng.standard_normal((rows.size, bm, bn)).astype(dtype))
     indptr = np.searchsorted(rows, np.arange(nbr + 1)).astype(np.int32)
     indices = jax.device_put(cols.astype(np.int32))
-    a = jsparse.BCSR(data, indices, jax.device_put(indptr), shape=(nbr * bm, nbc * bn))
+    a = _make_bcsr(data, indices, jax.device_put(indptr), (nbr * bm, nbc * bn))
     dense = np.zeros((nbr, nbc, bm, bn))
     dense[rows, cols] = np.asarray(data).astype(np.float64)
     return a, dense.transpose(0, 2, 1, 3).reshape(nbr * bm, nbc * bn)
@@ -99,7 +103,7 @@ def _check_all(a, w, dtype, rng, widths=WIDTHS):
     xs, xts, us, vs = operands(k), operands(m), operands(m), operands(k)
     f64 = [[np.asarray(t, np.float64) for t in ts] for ts in (xs, xts, us, vs)]
     bm, bn = a.block_shape
-    rows, cols = np.asarray(a.pattern.row_ids), np.asarray(a.pattern.indices)
+    rows, cols = np.asarray(a.row_ids), np.asarray(a.indices)
 
     def blocks(dense):  # the stored blocks of a dense matrix, (nse, bm, bn)
         grid = dense.reshape(m // bm, bm, k // bn, bn).transpose(0, 2, 1, 3)
@@ -271,18 +275,19 @@ def _corrupt(field):
     return jax.jit(run)
 
 
-@pytest.mark.parametrize("block_shape", [(1, 16), (16, 1)], ids=lambda b: f"{b[0]}x{b[1]}")
+# 1 x 16 runs the strip kernel in A @ X (CSR indices), 16 x 1 in A.T @ X (the CSC view).
 @pytest.mark.parametrize(
-    "field,edit,match",
+    "block_shape,field,edit,match",
     [
-        ("indices", lambda t: t.at[0].set(10**6), "corrupted block index"),
-        ("indices", lambda t: t.at[-1].set(-1), "corrupted block index"),
-        ("indptr", lambda t: t.at[1].set(10**6), "corrupted block pointer"),
-        ("col_ptr", lambda t: t.at[-1].set(10**6), "corrupted block pointer"),
-        ("col_order", lambda t: t.at[0].set(10**6), "corrupted block order"),
-        ("col_order", lambda t: t.at[0].set(t[-1]), "transposed view disagrees"),
-        ("row_ids", lambda t: t.at[0].set(-3), "corrupted block coordinates"),
+        ((1, 16), "indices", lambda t: t.at[0].set(10**6), "corrupted block index"),
+        ((1, 16), "indices", lambda t: t.at[-1].set(-1), "corrupted block index"),
+        ((1, 16), "indptr", lambda t: t.at[1].set(10**6), "corrupted block pointer"),
+        ((1, 16), "row_ids", lambda t: t.at[0].set(-3), "corrupted block coordinates"),
+        ((16, 1), "col_ptr", lambda t: t.at[-1].set(10**6), "corrupted block pointer"),
+        ((16, 1), "col_order", lambda t: t.at[0].set(10**6), "corrupted block order"),
+        ((16, 1), "col_order", lambda t: t.at[0].set(t[-1]), "transposed view disagrees"),
     ],
+    ids=lambda p: f"{p[0]}x{p[1]}" if isinstance(p, tuple) else None,
 )
 def test_corrupted_indices_raise(block_shape, field, edit, match):
     a = jsparse.BCSR.random(jax.random.key(0), (32, 32), density=0.5, block_shape=block_shape)
