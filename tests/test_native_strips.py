@@ -250,6 +250,21 @@ def test_bfloat16_verbs_against_xla():
         assert_close(got, want, jnp.bfloat16, k)
 
 
+def test_thread_split_gives_the_same_result():
+    rng = np.random.default_rng(5)
+    a, _ = _bcsr(rng, (96, 12), (1, 16), 0.3, jnp.float32)  # 96 output rows
+    x = jax.device_put(rng.standard_normal((192, 70)).astype(np.float32))
+    f = jax.jit(lambda a, x: jsparse.matmul(a, x, impl="cpu"))
+    previous = jsparse_native.set_max_threads(1)
+    try:
+        one = np.asarray(f(a, x))
+        jsparse_native.set_max_threads(0)
+        every = np.asarray(f(a, x))
+    finally:
+        jsparse_native.set_max_threads(previous)
+    np.testing.assert_array_equal(one, every)  # rows are independent: no order changes
+
+
 def test_strips_control():
     assert jsparse_native.set_bcsr_strips(True) is True  # the default
     with _strips(False):
