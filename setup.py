@@ -64,6 +64,7 @@ _native = Extension(
     language="c++",
     optional=not _SANITIZE,  # a sanitizer build must fail loudly
 )
+_native.depends += [f"{_SRC}/bcsr_strips.inc", f"{_SRC}/nm_expand_avx2.inc"]  # kernels.inc
 
 setup(
     ext_modules=[] if sys.platform == "win32" else [_native],

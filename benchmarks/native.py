@@ -13,6 +13,8 @@ import numpy as np
 import jsparse_native
 from benchmarks.timing import markdown_table, paired_speedup, paired_times
 from jsparse import BCSR, NM, matmul
+from jsparse.core import product
+from jsparse.formats.bcsr.cpu import CPU_KERNELS
 
 _ROUNDS = {"reps": 3, "run": 5}
 # Calls of a few milliseconds or less (the thread scaling, N:M at narrow widths) are
@@ -36,6 +38,8 @@ def _torch_speedup(dense, dense_args, a: BCSR, x) -> object:
         import torch
     except ImportError:
         return "n/a"
+    if a.block_shape[0] != a.block_shape[1]:
+        return "n/a"  # torch's BSR @ dense (MKL) takes square blocks only
     w = torch.from_numpy(np.asarray(a.todense()))
     bsr = w.to_sparse_bsr(a.block_shape)
     xt = torch.from_numpy(np.asarray(x))
@@ -118,6 +122,40 @@ def _scaling_rows(a: BCSR, x) -> list:
     return rows
 
 
+def _strip_rows(a: BCSR, x) -> list:
+    """A strip block shape: the strip kernels (bcsr_strips.inc) against the general
+    register tile (``jsparse_native.set_bcsr_strips(False)``), one thread, per op."""
+    cfg, pat = a.kernel_config, a.pattern
+    ops = {
+        "A @ X": (jax.jit(lambda d, x: product.spmm(CPU_KERNELS, cfg, False, d, pat, x)), a.data),
+        "A.T @ X": (jax.jit(lambda d, x: product.spmm(CPU_KERNELS, cfg, True, d, pat, x)), a.data),
+        "SDDMM": (jax.jit(lambda u, v: product.sample(CPU_KERNELS, cfg, pat, u, v)), x),
+    }
+
+    def with_strips(f, on):
+        def run(*args):
+            jsparse_native.set_bcsr_strips(on)
+            return f(*args)
+
+        return run
+
+    rows = []
+    previous = jsparse_native.set_max_threads(1)
+    try:
+        for name, (f, first) in ops.items():
+            t_general, t_strip, ratio = paired_times(
+                with_strips(f, False), (first, x), with_strips(f, True), (first, x), **_ROUNDS
+            )
+            rows.append(
+                [f"{a.block_shape[0]}x{a.block_shape[1]}", name, t_general * 1e3,
+                 t_strip * 1e3, ratio]
+            )  # fmt: skip
+    finally:
+        jsparse_native.set_bcsr_strips(True)
+        jsparse_native.set_max_threads(previous)
+    return rows
+
+
 def _nm_row(a: NM, x) -> list:
     w = a.todense()
     dense = jax.jit(lambda w, x: w @ x)
@@ -151,6 +189,13 @@ def run(quick: bool = False) -> str:
     blocks = [(32, 32)] if quick else [(16, 16), (32, 32), (64, 64)]
     densities = [0.1] if quick else [0.5, 0.1]
     rows = [_forward_row(*_case((size, size), bs, d, n)) for bs in blocks for d in densities]
+    # Strips (one row or one column per block; their own kernels), 90%.
+    strips = [(1, 16)] if quick else [(1, 16), (16, 1)]
+    rows += [_forward_row(*_case((size, size), bs, 0.1, n)) for bs in strips]
+    strip_table = markdown_table(
+        ["block", "op", "general ms", "strip ms", "general / strip"],
+        [r for bs in strips for r in _strip_rows(*_case((size, size), bs, 0.1, n))],
+    )
     fwd = markdown_table(
         [
             "block", "sparsity", "dense ms", "jsparse cpu", "jsparse xla", "jsparse auto",
@@ -193,6 +238,11 @@ def run(quick: bool = False) -> str:
         "`value_and_grad` with respect to (A's values, X) of `sum((A @ X - T)**2)`: "
         "speedup over the dense gradient.\n\n"
         f"{grad}\n\n"
+        "Strip blocks at 90%, one thread: the row-strip kernel against the general register "
+        "tile (`jsparse_native.set_bcsr_strips(False)`), alternating. It runs 1x16 `A @ X` "
+        "and 16x1 `A.T @ X`; the other rows run the general kernel both ways (their ratio "
+        "is the noise of one cell).\n\n"
+        f"{strip_table}\n\n"
         "90% / 32x32: the native product with one thread against all of XLA's intra-op "
         "pool (ratio: one-thread time / all-threads time), and per instruction set "
         "(ratio: speedup over dense).\n\n"

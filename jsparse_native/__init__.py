@@ -30,6 +30,7 @@ __all__ = [
     "last_threads",
     "load_error",
     "set_isa",
+    "set_bcsr_strips",
     "set_max_threads",
     "set_nm_gather_from",
     "set_nm_gather_upto",
@@ -73,6 +74,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
                  "jsparse_native_max_threads", "jsparse_native_last_threads",
                  "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
+    lib.jsparse_native_bcsr_strips.restype = ctypes.c_int
     return lib, None
 
 
@@ -256,3 +258,24 @@ def set_nm_gather_upto(n: int | None) -> int | None:
     previous = lib.jsparse_native_nm_gather_upto()
     lib.jsparse_native_set_nm_gather_upto(-1 if n is None else n)
     return None if previous < 0 else previous
+
+
+def set_bcsr_strips(on: bool) -> bool:
+    """Whether BCSR products with one output row per block-row (1 x k blocks in
+    ``A @ X``, k x 1 in ``A.T @ X``) run the row-strip kernel (the default) or the
+    general register tile, like any other block shape (docs/native.md); returns the
+    previous setting. For tests and benchmarks; takes effect at the next call, compiled
+    functions included.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_bcsr_strips(False)
+      ...     _ = jsparse_native.set_bcsr_strips(old)
+    """
+    if not isinstance(on, bool):
+        raise ValueError(f"on must be a bool, got {on!r}")
+    lib = _lib()
+    previous = lib.jsparse_native_bcsr_strips()
+    lib.jsparse_native_set_bcsr_strips(int(on))
+    return previous != 0

@@ -55,6 +55,7 @@ int isa_from_env() {
 std::atomic<int> g_isa{isa_from_env()};
 std::atomic<int> g_max_threads{0};   // 0: every thread of XLA's pool
 std::atomic<int> g_last_threads{0};  // threads the last call used (for tests)
+std::atomic<int> g_bcsr_strips{1};   // BCSR strip kernel (bcsr_strips.inc); 0: general only
 // N:M products contracting the groups: the stored-entries gather kernel from this
 // width of X on (forced: tests, benchmarks; by default only when X holds a NaN or an
 // infinity, as the expanded tiles win for wide X).
@@ -223,6 +224,7 @@ ffi::Error BcsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::
   }
   SpmmArgs args{data.untyped_data(), P, O, S, x.untyped_data(), y->untyped_data(),
                 bm, bn, bo, bi, transpose ? 1 : bn, transpose ? bn : 1, n, dtype};
+  args.strips = g_bcsr_strips.load();
   if (n == 0 || nout == 0) return ffi::Error::Success();
   const KernelTable* k = table_for(g_isa.load());
   // Balance by stored blocks (plus one per block-row for its zeroing/stores).
@@ -423,6 +425,10 @@ int jsparse_native_set_isa(int isa) {
 void jsparse_native_set_max_threads(int n) { jsparse_native::g_max_threads.store(std::max(0, n)); }
 int jsparse_native_max_threads() { return jsparse_native::g_max_threads.load(); }
 int jsparse_native_last_threads() { return jsparse_native::g_last_threads.load(); }
+// BCSR products: the strip kernel where the block shape fits it (1, the default) or the
+// general one only (0): tests, benchmarks.
+void jsparse_native_set_bcsr_strips(int on) { jsparse_native::g_bcsr_strips.store(std::max(0, on)); }
+int jsparse_native_bcsr_strips() { return jsparse_native::g_bcsr_strips.load(); }
 // N:M: the width of X from which the gather kernel runs (benchmarks, tests).
 void jsparse_native_set_nm_gather_from(int n) { jsparse_native::g_nm_gather_from.store(std::max(1, n)); }
 int jsparse_native_nm_gather_from() { return static_cast<int>(jsparse_native::g_nm_gather_from.load()); }

@@ -31,6 +31,7 @@ struct SpmmArgs {
   int64_t bm, bn, bo, bi, si, sk;
   int64_t n;  // columns of X and Y
   Elem dtype;
+  int strips = 1;  // the strip kernel (bcsr_strips.inc) where it applies; 0: general only
 };
 
 // Blocks [b0, b1) of U[r*bm:(r+1)*bm] @ V[c*bn:(c+1)*bn].T with r = rows[b],
