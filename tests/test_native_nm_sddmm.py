@@ -153,13 +153,13 @@ def test_gradient_jvp_vmap_through_cpu(axis):
             return jnp.sum(jnp.sin(jsparse.matmul(a.with_values(values), x, impl=impl)))
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-        text = jax.jit(jax.grad(loss), static_argnums=2).lower(a.values, x, "cpu").as_text()
-        assert "jsparse_nm_sddmm" in text
+        assert "jsparse_nm_sddmm" in grad.lower(a.values, x, "cpu").as_text()
         gv, gx = grad(a.values, x, "cpu")
-        gv_xla, gx_xla = grad(a.values, x, "xla")
-        assert_close(gv, gv_xla, jnp.float32, k)
-        assert_close(gx, gx_xla, jnp.float32, 16)
-        gw = jax.grad(lambda w: jnp.sum(jnp.sin(w @ x)))(a.todense())
+        if k > 1:
+            gv_xla, gx_xla = grad(a.values, x, "xla")
+            assert_close(gv, gv_xla, jnp.float32, k)
+            assert_close(gx, gx_xla, jnp.float32, 16)
+        gw = jax.grad(lambda w, x: jnp.sum(jnp.sin(w @ x)))(a.todense(), x)
         assert_close(a.with_values(gv).todense(), gw * mask, jnp.float32, k)
     # jvp of the sample in both operands; vmap over u (a loop of native calls).
     u = jax.random.normal(jax.random.key(5), (16, 9))
