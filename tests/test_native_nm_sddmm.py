@@ -87,8 +87,8 @@ def _check_every_isa(a, u, v, dtype, k, msg=""):
 def test_matches_dense_float32(nm, axis):
     n, m = nm
     rng = np.random.default_rng(0)
-    # 9 groups (not a multiple of any tile) by 37 rows of the other operand (two work
-    # items of 32 rows and a tail).
+    # 9 groups (not a multiple of any tile) by 37 rows of the other operand (a packed
+    # sub-block of 32 rows and a tail; two vectors of positions and a scalar tail).
     a = _pattern(rng, n, m, axis, 9, 37)
     # Every width for 2:4 (the 32-value permute at k = 1) and 3:8 (groups across
     # vectors); the vector tail widths (7, 100) and k = 1, 16 for the rest.
@@ -231,7 +231,7 @@ def test_corrupted_positions_raise(kind, axis):
 @pytest.mark.parametrize("axis", [0, 1])
 def test_threads_give_identical_results(axis):
     rng = np.random.default_rng(6)
-    a = _pattern(rng, 2, 4, axis, 16, 160)  # 5 work items of 32 rows
+    a = _pattern(rng, 2, 4, axis, 16, 160)  # 2 work items (128 rows each), one per thread
     for k in (1, 40):
         u, v = _operands(rng, a, k, jnp.float32)
         many = np.asarray(_cpu(a, u, v, a.positions))
