@@ -59,7 +59,8 @@ class _BuildLibrary(build_ext):
 _native = Extension(
     "jsparse_native._jsparse_native",
     sources=[f"{_SRC}/{f}" for f in ("ffi.cc", "isa_generic.cc", "isa_avx2.cc", "isa_avx512.cc")],
-    depends=[f"{_SRC}/kernels.h", f"{_SRC}/kernels.inc"],
+    depends=[f"{_SRC}/kernels.h", f"{_SRC}/kernels.inc"]
+    + [f"{_SRC}/{f}" for f in ("nm_sddmm.h", "nm_sddmm.inc", "nm_sddmm_ffi.inc")],
     include_dirs=[_SRC],
     language="c++",
     optional=not _SANITIZE,  # a sanitizer build must fail loudly

@@ -1,7 +1,7 @@
 """jsparse's native CPU kernels: a shared library of XLA FFI handlers.
 
 The library (``_jsparse_native*.so``, built by ``pip install`` from ``src/``) holds
-block-sparse (BCSR) product and SDDMM kernels for float32 and bfloat16, compiled for
+block-sparse (BCSR) and N:M product and SDDMM kernels for float32 and bfloat16, compiled for
 three instruction sets (AVX-512, AVX2 + FMA and a portable baseline) and chosen at
 run time. This package loads it with :mod:`ctypes`, registers its handlers with
 ``jax.ffi.register_ffi_target`` (platform ``"cpu"``) and exposes the controls the
@@ -34,6 +34,7 @@ __all__ = [
     "set_max_threads",
     "set_nm_gather_from",
     "set_nm_gather_upto",
+    "set_nm_sddmm_blocking",
     "supported_isas",
 ]
 
@@ -41,7 +42,10 @@ __all__ = [
 ISAS = ("generic", "avx2", "avx512")
 
 # FFI targets of the library (name -> exported handler symbol).
-TARGETS = {name: name for name in ("jsparse_bcsr_spmm", "jsparse_bcsr_sddmm", "jsparse_nm_spmm")}
+TARGETS = {
+    name: name
+    for name in ("jsparse_bcsr_spmm", "jsparse_bcsr_sddmm", "jsparse_nm_spmm", "jsparse_nm_sddmm")
+}
 
 
 def _library_path() -> str | None:
@@ -72,7 +76,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     for name in ("jsparse_native_isa", "jsparse_native_best_isa", "jsparse_native_set_isa",
                  "jsparse_native_max_threads", "jsparse_native_last_threads",
-                 "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto"):  # fmt: skip
+                 "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto",
+                 "jsparse_native_nm_sddmm_kc", "jsparse_native_nm_sddmm_gblock"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
     lib.jsparse_native_bcsr_strips.restype = ctypes.c_int
     return lib, None
@@ -279,3 +284,24 @@ def set_bcsr_strips(on: bool) -> bool:
     previous = lib.jsparse_native_bcsr_strips()
     lib.jsparse_native_set_bcsr_strips(int(on))
     return previous != 0
+
+
+def set_nm_sddmm_blocking(kc: int = 0, rows: int = 0) -> tuple[int, int]:
+    """Blocking of the N:M SDDMM kernel: ``kc`` elements of the contraction per chunk and
+    ``rows`` rows of the grouped operand per block (``0``: the defaults, 512 and the rows
+    of 256 KiB of one chunk; docs/native.md). Returns the previous pair. For tests (small
+    blocks reach every chunk and block boundary) and benchmarks.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_nm_sddmm_blocking(32, 8)
+      ...     _ = jsparse_native.set_nm_sddmm_blocking(*old)
+    """
+    for name, value in (("kc", kc), ("rows", rows)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    lib = _lib()
+    previous = (lib.jsparse_native_nm_sddmm_kc(), lib.jsparse_native_nm_sddmm_gblock())
+    lib.jsparse_native_set_nm_sddmm_blocking(kc, rows)
+    return previous

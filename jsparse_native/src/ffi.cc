@@ -6,6 +6,7 @@
 //   jsparse_bcsr_spmm   (data, ptr, order, src, check, x) -> y   op(A) @ X
 //   jsparse_bcsr_sddmm  (u, v, rows, cols) -> out                blocks of U @ V.T
 //   jsparse_nm_spmm     (values, packed positions, x) -> y        op(W) @ X for N:M W
+//   jsparse_nm_sddmm    (u, v, packed positions) -> values        (U @ V.T)[kept], N:M
 // plus a few C functions (ctypes) to query and force the ISA and the thread count.
 #include <algorithm>
 #include <atomic>
@@ -437,3 +438,6 @@ void jsparse_native_set_nm_gather_upto(int n) { jsparse_native::g_nm_gather_upto
 int jsparse_native_nm_gather_upto() { return static_cast<int>(jsparse_native::g_nm_gather_upto.load()); }
 }
 #pragma GCC visibility pop
+
+// The N:M SDDMM's handler (its own file).
+#include "nm_sddmm_ffi.inc"

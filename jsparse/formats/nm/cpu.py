@@ -18,10 +18,13 @@ portable paths chosen at run time; XLA's threads. When ``X`` holds a NaN or an
 infinity, only stored entries are multiplied (an unstored zero never meets it), as in
 the other implementations.
 
-The gradient's ``dW`` (an SDDMM at the stored positions) runs the ``"xla"`` kernel;
-``dX`` is the native product of the other orientation. A corrupted position (``>= m``,
-or not strictly increasing within its group) that reaches the kernel under ``jit``
-raises an error from the call.
+The gradient's ``dW`` (an SDDMM, ``(dY @ X.T)`` at the stored positions, also
+``jsparse.sddmm(pattern, x, y, impl="cpu")``) is native too: one dot over the
+contraction per *stored* entry (``n / m`` of the dense product's FMAs), with the
+contraction chunked so that the selected rows stay in cache; one column is an outer
+product at the stored positions. ``dX`` is the native product of the other
+orientation. A corrupted position (``>= m``, or not strictly increasing within its
+group) that reaches a kernel under ``jit`` raises an error from the call.
 
 Example:
   >>> import jax, jax.numpy as jnp, jsparse
@@ -42,7 +45,7 @@ from jsparse.core.product import ProductKernels
 from jsparse.core.registry import on_platform, register_impl
 from jsparse.formats.bcsr.cpu import native_dtype, native_ready, unsupported_reason
 from jsparse.formats.nm.matrix import NM
-from jsparse.formats.nm.xla import XLA_KERNELS
+from jsparse.formats.nm.xla import XLA_KERNELS, values_length
 
 __all__ = ["CPU_KERNELS"]
 
@@ -62,10 +65,23 @@ def _spmm(values, packed, x, *, config, transpose):
     return y.astype(x.dtype)
 
 
-# Code for CPU only (an export runs the XLA kernels); dW is the XLA SDDMM.
+def _sample(u, v, packed, *, config):
+    dtype = native_dtype(u.dtype, v.dtype)
+    if dtype is None or not native_ready():
+        return XLA_KERNELS.sample(u, v, packed, config=config)
+    n, m, axis = config
+    rows, cols = u.shape[0], v.shape[0]
+    shape = (rows, values_length(cols, n, m, axis)) if axis == 1 else (rows // m * n, cols)
+    out = jax.ffi.ffi_call("jsparse_nm_sddmm", jax.ShapeDtypeStruct(shape, dtype))(
+        u.astype(dtype), v.astype(dtype), packed.astype(jnp.uint8), n=n, m=m, axis=axis
+    )
+    return out.astype(u.dtype)
+
+
+# Code for CPU only (an export runs the XLA kernels).
 CPU_KERNELS = ProductKernels(
     spmm=on_platform("cpu", _spmm, export_fallback=XLA_KERNELS.spmm),
-    sample=XLA_KERNELS.sample,
+    sample=on_platform("cpu", _sample, export_fallback=XLA_KERNELS.sample),
 )
 
 
@@ -77,3 +93,13 @@ def _matmul_supports(a: NM, x: jax.Array, *, transpose: bool) -> str | None:
 @register_impl("matmul", NM, "cpu", supports=_matmul_supports)
 def _matmul(a: NM, x: jax.Array, *, transpose: bool) -> jax.Array:
     return product.spmm(CPU_KERNELS, a.kernel_config, transpose, a.values, a.positions, x)
+
+
+def _sddmm_supports(pattern: NM, x: jax.Array, y: jax.Array) -> str | None:
+    return symbolic_width_reason(x) or unsupported_reason(jnp.result_type(x, y))
+
+
+@register_impl("sddmm", NM, "cpu", supports=_sddmm_supports)
+def _sddmm(pattern: NM, x: jax.Array, y: jax.Array) -> NM:
+    values = product.sample(CPU_KERNELS, pattern.kernel_config, pattern.positions, x, y.T)
+    return pattern._replace(values=values)

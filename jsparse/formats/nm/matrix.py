@@ -152,7 +152,7 @@ class NM(AbstractSparseMatrix):
 
     def auto_order(self, op: str):
         """On CPU the native kernels first for ``matmul`` (docs/native.md: faster than
-        ``"xla"`` at every measured width), then ``"xla"`` (docs/nm.md: its
+        ``"xla"`` at every measured width) and ``sddmm``, then ``"xla"`` (docs/nm.md: its
         matrix-vector product reads only the stored bytes; for a wider operand it
         decompresses a cache-sized chunk at a time); Pallas in place of XLA on GPU.
 
@@ -161,13 +161,15 @@ class NM(AbstractSparseMatrix):
           >>> a = jsparse.NM.fromdense(jnp.ones((4, 8)))
           >>> a.auto_order("matmul")["cpu"], a.auto_order("matmul")["default"]
           (['cpu', 'xla', 'dense'], ['xla', 'dense'])
-          >>> a.auto_order("scale")
-          ['xla']
+          >>> a.auto_order("sddmm")["cpu"], a.auto_order("scale")
+          (['cpu', 'xla'], ['xla'])
         """
         if op == "matmul":
             order = with_pallas(["xla", "dense"])
             order["cpu"] = ["cpu", "xla", "dense"]
             return order
+        if op == "sddmm":
+            return {"default": ["xla"], "cpu": ["cpu", "xla"]}
         return ["xla"]
 
     @property
