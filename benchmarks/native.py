@@ -16,10 +16,11 @@ from jsparse import BCSR, NM, matmul
 from jsparse.core import product
 from jsparse.formats.bcsr.cpu import CPU_KERNELS
 
-_ROUNDS = {"reps": 3, "run": 5}
-# Calls of a few milliseconds or less (the thread scaling, N:M at narrow widths) are
-# memory-bound and noisy from one round to the next: more, longer rounds cost little.
-_ROUNDS_SHORT = {"reps": 11, "run": 10}
+# Calls of a few milliseconds move from one round to the next on this shared machine
+# (a cell moved 2x between runs of 3 rounds): 11 rounds of 10 calls cost little. The
+# long calls (N:M from 256 columns, 20-600 ms) run 3 rounds of 5.
+_ROUNDS = {"reps": 11, "run": 10}
+_ROUNDS_LONG = {"reps": 3, "run": 5}
 
 
 def _case(shape, block_shape, density, n):
@@ -103,14 +104,34 @@ def _scaling_rows(a: BCSR, x) -> list:
     f = jax.jit(lambda a, x: matmul(a, x, impl="cpu"))
     dense = jax.jit(lambda w, x: w @ x)
     w = a.todense()
+
+    def capped(threads):
+        def call(a, x):
+            jsparse_native.set_max_threads(threads)  # read by the kernel at this call
+            return f(a, x)
+
+        return call
+
     rows = []
     previous = jsparse_native.set_max_threads(1)
     try:
-        t_one = paired_times(dense, (w, x), f, (a, x), **_ROUNDS_SHORT)[1]
-        jsparse_native.set_max_threads(0)
-        t_all = paired_times(dense, (w, x), f, (a, x), **_ROUNDS_SHORT)[1]
+        # The kernel alone, one thread and all alternating: its own scaling.
+        t_one, t_all, ratio = paired_times(capped(1), (a, x), capped(0), (a, x), **_ROUNDS)
         rows.append(
-            ["threads: all / one", f"{t_all * 1e3:.2f} / {t_one * 1e3:.2f} ms", t_one / t_all]
+            ["threads: all / one, alone", f"{t_all * 1e3:.2f} / {t_one * 1e3:.2f} ms", ratio]
+        )
+        # Each alternating with the dense product (what a program mixing both sees; the
+        # dense product's pool threads may still be busy when the kernel starts).
+        jsparse_native.set_max_threads(1)
+        t_one = paired_times(dense, (w, x), f, (a, x), **_ROUNDS)[1]
+        jsparse_native.set_max_threads(0)
+        t_all = paired_times(dense, (w, x), f, (a, x), **_ROUNDS)[1]
+        rows.append(
+            [
+                "threads: all / one, after dense calls",
+                f"{t_all * 1e3:.2f} / {t_one * 1e3:.2f} ms",
+                t_one / t_all,
+            ]
         )
         jsparse_native.set_max_threads(previous)
         for isa in jsparse_native.supported_isas():
@@ -160,7 +181,7 @@ def _nm_row(a: NM, x) -> list:
     w = a.todense()
     dense = jax.jit(lambda w, x: w @ x)
     row = [f"{a.n}:{a.m} axis {a.axis}", x.shape[1]]
-    rounds = _ROUNDS_SHORT if x.shape[1] <= 64 else _ROUNDS
+    rounds = _ROUNDS if x.shape[1] <= 64 else _ROUNDS_LONG
     for impl in ("cpu", "xla", "auto"):
         f = jax.jit(lambda a, x, impl=impl: matmul(a, x, impl=impl))
         t_dense, speedup = paired_speedup(dense, (w, x), f, (a, x), **rounds)
@@ -231,8 +252,8 @@ def run(quick: bool = False) -> str:
     return (
         f"## Native CPU kernels: BCSR A {size}x{size} @ X {size}x{n}, float32\n\n"
         "Speedups over dense `jnp` (dense time / method time; > 1 is faster), the median "
-        "over 3 alternating rounds of 5 consecutive runs after warm-up (11 rounds of 10 for "
-        "the thread scaling and N:M up to 64 columns), one process; "
+        "over 11 alternating rounds of 10 consecutive runs after warm-up (3 rounds of 5 for "
+        "N:M from 256 columns), one process; "
         "GFLOP/s of the native kernel count the stored blocks' flops.\n\n"
         f"{fwd}\n\n"
         "`value_and_grad` with respect to (A's values, X) of `sum((A @ X - T)**2)`: "
@@ -244,8 +265,9 @@ def run(quick: bool = False) -> str:
         "is the noise of one cell).\n\n"
         f"{strip_table}\n\n"
         "90% / 32x32: the native product with one thread against all of XLA's intra-op "
-        "pool (ratio: one-thread time / all-threads time), and per instruction set "
-        "(ratio: speedup over dense).\n\n"
+        "pool (ratio: one-thread time / all-threads time; *alone*: the two alternate, "
+        "*after dense calls*: each alternates with the dense product), and per "
+        "instruction set (ratio: speedup over dense).\n\n"
         f"{scaling}\n\n"
         f"N:M W {size_nm}x{size_nm} @ X {size_nm}xB, float32: speedups over dense (`X @ W`: "
         "X.T (B x K) @ W through the native kernel of W.T, against dense `X.T @ W`; the "
