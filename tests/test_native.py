@@ -27,6 +27,7 @@ from jsparse.formats.bcsr import cpu as bcsr_cpu
 from jsparse.formats.bcsr.cpu import CPU_KERNELS
 from jsparse.formats.nm.cpu import CPU_KERNELS as NM_KERNELS
 
+from native_cases import corrupted_bcsr_product
 from oracle import assert_close
 
 ISAS = jsparse_native.supported_isas()
@@ -168,22 +169,6 @@ def test_auto_picks_the_native_kernels_on_cpu():
 
 
 # ------------------------------------------------------------------ bounds safety
-def _corrupt(field, value):
-    """A jitted A @ X (or A.T @ X / SDDMM) whose pattern field is replaced in the trace,
-    where construction-time validation cannot see it."""
-
-    def run(a, x, bad):
-        pat = a.pattern._replace(**{field: bad})
-        cfg = a.kernel_config
-        if field in ("col_ptr", "col_order"):
-            return product.spmm(CPU_KERNELS, cfg, True, a.data, pat, x)
-        if field == "row_ids":
-            return product.sample(CPU_KERNELS, cfg, pat, x, x)
-        return product.spmm(CPU_KERNELS, cfg, False, a.data, pat, x)
-
-    return jax.jit(run)
-
-
 @pytest.mark.parametrize(
     "field,edit,match",
     [
@@ -200,7 +185,7 @@ def _corrupt(field, value):
 def test_corrupted_indices_raise_instead_of_reading_out_of_bounds(field, edit, match):
     a = jsparse.BCSR.random(jax.random.key(0), (32, 32), density=0.5, block_shape=(8, 8))
     x = jnp.ones((32, 4))
-    f = _corrupt(field, None)
+    f = corrupted_bcsr_product(field)
     bad = edit(getattr(a.pattern, field))
     with pytest.raises(Exception, match=match):
         jax.block_until_ready(f(a, x, bad))

@@ -27,6 +27,7 @@ import jsparse_native
 from jsparse.core import product
 from jsparse.formats.bcsr.cpu import CPU_KERNELS
 
+from native_cases import corrupted_bcsr_product
 from oracle import assert_close, tolerance
 
 ISAS = jsparse_native.supported_isas()
@@ -274,22 +275,6 @@ def test_strips_control():
 
 
 # ------------------------------------------------------------------ bounds safety
-def _corrupt(field):
-    """A jitted product whose pattern field is replaced in the trace, where
-    construction-time validation cannot see it."""
-
-    def run(a, x, bad):
-        pat = a.pattern._replace(**{field: bad})
-        cfg = a.kernel_config
-        if field in ("col_ptr", "col_order"):
-            return product.spmm(CPU_KERNELS, cfg, True, a.data, pat, x)
-        if field == "row_ids":
-            return product.sample(CPU_KERNELS, cfg, pat, x, x)
-        return product.spmm(CPU_KERNELS, cfg, False, a.data, pat, x)
-
-    return jax.jit(run)
-
-
 # 1 x 16 runs the strip kernel in A @ X (CSR indices), 16 x 1 in A.T @ X (the CSC view).
 @pytest.mark.parametrize(
     "block_shape,field,edit,match",
@@ -307,7 +292,7 @@ def _corrupt(field):
 def test_corrupted_indices_raise(block_shape, field, edit, match):
     a = jsparse.BCSR.random(jax.random.key(0), (32, 32), density=0.5, block_shape=block_shape)
     x = jnp.ones((32, 20))
-    f = _corrupt(field)
+    f = corrupted_bcsr_product(field)
     with pytest.raises(Exception, match=match):
         jax.block_until_ready(f(a, x, edit(getattr(a.pattern, field))))
     ok = jax.block_until_ready(f(a, x, getattr(a.pattern, field)))  # the same compiled call
