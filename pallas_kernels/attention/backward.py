@@ -280,6 +280,22 @@ def _listed(fw, pw, n, shared):
     return block, mask_id
 
 
+def _tpu_operand_specs(bq, bk, d, q_side, kv_side, mask_side):
+    """BlockSpecs of ``(q, k, v, d_out, lse, delta, element masks)`` for one TPU
+    backward kernel: the query-side operands follow ``q_side``, ``k`` and ``v``
+    ``kv_side`` and the element mask ``mask_side`` (index maps of the grid)."""
+    row_in = pl.BlockSpec((None, None, bq, 1), q_side)
+    return [
+        pl.BlockSpec((None, None, bq, d), q_side),
+        pl.BlockSpec((None, None, bk, d), kv_side),
+        pl.BlockSpec((None, None, bk, d), kv_side),
+        pl.BlockSpec((None, None, bq, d), q_side),
+        row_in,
+        row_in,
+        pl.BlockSpec((None, bq, bk), mask_side),
+    ]
+
+
 def _tpu_calls(cfg, q, k, v, do, lse, delta, rows, cols, blocks, q_seg, kv_seg, *, shared,
                scale, cap, interpret):  # fmt: skip
     bsz, nh, lq, d = q.shape
@@ -311,16 +327,7 @@ def _tpu_calls(cfg, q, k, v, do, lse, delta, rows, cols, blocks, q_seg, kv_seg, 
     def kv_seg_map(b, h, i, t, f, fc, p, pc, pm):
         return b, kv_of(h, i, t, f, p), 0, 0
 
-    row_in = pl.BlockSpec((None, None, bq, 1), q_map)
-    specs = [
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bq, d), q_map),
-        row_in,
-        row_in,
-        pl.BlockSpec((None, bq, bk), mask_map),
-    ]
+    specs = _tpu_operand_specs(bq, bk, d, q_map, kv_map, mask_map)
     if has_seg:
         specs += [
             pl.BlockSpec((None, bq, 1), lambda b, h, i, t, *_: (b, i, 0)),
@@ -372,16 +379,7 @@ def _tpu_calls(cfg, q, k, v, do, lse, delta, rows, cols, blocks, q_seg, kv_seg, 
     def own_seg_map(b, h, j, t, *_):
         return b, j, 0, 0
 
-    row_in = pl.BlockSpec((None, None, bq, 1), qside_map)
-    specs = [
-        pl.BlockSpec((None, None, bq, d), qside_map),
-        pl.BlockSpec((None, None, bk, d), own_kv_map),
-        pl.BlockSpec((None, None, bk, d), own_kv_map),
-        pl.BlockSpec((None, None, bq, d), qside_map),
-        row_in,
-        row_in,
-        pl.BlockSpec((None, bq, bk), cmask_map),
-    ]
+    specs = _tpu_operand_specs(bq, bk, d, qside_map, own_kv_map, cmask_map)
     if has_seg:
         specs += [
             pl.BlockSpec((None, bq, 1), q_seg_map),
