@@ -59,13 +59,21 @@ class _BuildLibrary(build_ext):
 _native = Extension(
     "jsparse_native._jsparse_native",
     sources=[f"{_SRC}/{f}" for f in ("ffi.cc", "isa_generic.cc", "isa_avx2.cc", "isa_avx512.cc")],
-    depends=[f"{_SRC}/kernels.h", f"{_SRC}/kernels.inc"]
-    + [f"{_SRC}/{f}" for f in ("nm_sddmm.h", "nm_sddmm.inc", "nm_sddmm_ffi.inc")],
+    depends=[
+        f"{_SRC}/{f}"
+        for f in (
+            "kernels.h",
+            "kernels.inc",
+            "bcsr_strips.inc",
+            "nm_expand_avx2.inc",
+            "nm_sddmm.inc",
+            "nm_sddmm_ffi.inc",
+        )
+    ],
     include_dirs=[_SRC],
     language="c++",
     optional=not _SANITIZE,  # a sanitizer build must fail loudly
 )
-_native.depends += [f"{_SRC}/bcsr_strips.inc", f"{_SRC}/nm_expand_avx2.inc"]  # kernels.inc
 
 setup(
     ext_modules=[] if sys.platform == "win32" else [_native],

@@ -99,6 +99,17 @@ def _grad_row(a: BCSR, x) -> list:
     ]
 
 
+def _set_then_call(control, value, f):
+    """``f`` with the native control ``control(value)`` set before each call (the
+    kernel reads it when it runs), so that two settings can alternate in rounds."""
+
+    def call(*args):
+        control(value)
+        return f(*args)
+
+    return call
+
+
 def _scaling_rows(a: BCSR, x) -> list:
     """Time of the native product per thread cap and per instruction set."""
     f = jax.jit(lambda a, x: matmul(a, x, impl="cpu"))
@@ -106,11 +117,7 @@ def _scaling_rows(a: BCSR, x) -> list:
     w = a.todense()
 
     def capped(threads):
-        def call(a, x):
-            jsparse_native.set_max_threads(threads)  # read by the kernel at this call
-            return f(a, x)
-
-        return call
+        return _set_then_call(jsparse_native.set_max_threads, threads, f)
 
     rows = []
     previous = jsparse_native.set_max_threads(1)
@@ -154,11 +161,7 @@ def _strip_rows(a: BCSR, x) -> list:
     }
 
     def with_strips(f, on):
-        def run(*args):
-            jsparse_native.set_bcsr_strips(on)
-            return f(*args)
-
-        return run
+        return _set_then_call(jsparse_native.set_bcsr_strips, on, f)
 
     rows = []
     previous = jsparse_native.set_max_threads(1)

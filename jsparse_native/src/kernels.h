@@ -88,6 +88,32 @@ inline int64_t nm_panel_rows(int64_t mm, bool grouped_out) {
   return grouped_out ? mm * ((64 + mm - 1) / mm) : 16;
 }
 
+// The N:M SDDMM (nm_sddmm.inc): the values' gradient of an N:M product.
+// out = (U @ V.T) at the stored positions of an N:M pattern, shaped like its values
+// (vr x vc), with the positions packed as for the N:M product (``bits`` per position,
+// ``pbytes`` bytes per row of the values). U (rows x k), V (cols x k), row-major.
+//
+// The kernels see the problem as "other" x "grouped": the grouped operand G holds the
+// dense rows the positions select (axis 1: V, axis 0: U), the other operand O the rows
+// each stored entry pairs with (axis 1: U, a row of the values; axis 0: V, a column).
+// Entry t of O's row a (t along the groups, t / nn its group) is the dot over k of
+// O[a] and G[(t / nn) * mm + position]. A work item is kNmSddmmRows rows of O.
+struct NmSddmmArgs {
+  const void* u;
+  const void* v;
+  const uint8_t* pos;
+  void* out;
+  int64_t vr, vc;  // the values' shape
+  int64_t nn, mm, bits, pbytes, k;
+  bool axis0;
+  Elem dtype;
+  int64_t kc;      // contraction chunk (elements; 0: the default)
+  int64_t gblock;  // G rows per block (0: the default)
+  int* bad;        // set when a position is corrupted (>= mm, or not increasing)
+};
+
+constexpr int64_t kNmSddmmRows = 128;
+
 struct KernelTable {
   const char* name;
   void (*spmm)(const SpmmArgs&, int64_t o0, int64_t o1);
@@ -95,6 +121,8 @@ struct KernelTable {
   // op(W) @ X for the work items [i0, i1): output rows [i0 * P, min(i1 * P, rows))
   // with P = nm_panel_rows(...).
   void (*nm)(const NmArgs&, int64_t i0, int64_t i1);
+  // The N:M SDDMM for the work items [i0, i1) (kNmSddmmRows rows of O each).
+  void (*nm_sddmm)(const NmSddmmArgs&, int64_t i0, int64_t i1);
 };
 
 const KernelTable* generic_kernels();
