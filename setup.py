@@ -65,6 +65,7 @@ _native = Extension(
             "kernels.h",
             "kernels.inc",
             "bcsr_strips.inc",
+            "nm_dot.inc",
             "nm_expand_avx2.inc",
             "nm_sddmm.inc",
             "nm_sddmm_ffi.inc",

@@ -341,8 +341,8 @@ def _nm_case(rng, n, m, axis, dtype, grouped=None, other=37):
 @contextlib.contextmanager
 def _nm_path(path):
     """Force a kernel path of the N:M products: "auto" (the handler's choice by width:
-    for 2..8 columns the row-dot / column-axpy (AVX-512, along the groups) and group-dot
-    (across) kernels, the gather kernel up to the measured width, expanded tiles above),
+    up to 64 columns the row-dot / column-axpy (AVX-512, along the groups), dot and
+    gather kernels, each up to its measured width, expanded tiles above),
     "gather" (stored entries at every width, contraction along the groups) or "dense"
     (expanded tiles at every width > 1)."""
     old_from = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
@@ -478,10 +478,10 @@ def test_nm_gather_from_control_rejects_bad_values():
         jsparse_native.set_nm_gather_upto(-1)
 
 
-# Narrow X (2 .. 64 columns): the row-dot / column-axpy (AVX-512, whole 16-lane vectors
-# of a row, 2..8 columns), group-dot (axis 0, 2..8) and gather kernels (its column tail:
-# a masked partial vector) against the expanded tiles, around every vector width of
-# every instruction set, both orientations.
+# Narrow X (2 .. 64 columns): the row-dot (AVX-512, whole 16-lane vectors of a row, 2..4
+# columns), column-axpy (AVX-512, 2..8), dot (W @ X, the contraction along W's columns)
+# and gather kernels (its column tail: a masked partial vector) against the expanded
+# tiles, around every vector width of every instruction set, both orientations.
 _NARROW = (2, 3, 8, 15, 16, 17, 33, 48, 49)
 
 
@@ -494,6 +494,19 @@ def test_nm_narrow_x_every_path(nm, axis):
     # 64 grouped entries: whole vectors (row-dot); other = 21: a tail of output rows.
     a, w = _nm_case(np.random.default_rng(6), n, m, axis, jnp.float32, grouped=64, other=21)
     _nm_check_all_isas(a, w, _NARROW if nm == (2, 4) else (2, 16, 49), jnp.float32)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nm_dot_kernel_chunks_and_tails(axis, dtype):
+    """The dot kernel (W @ X, narrow X, the contraction along W's columns) past its chunk
+    of the contraction (1024 columns along the groups, 512 across), with a last chunk
+    that is not whole vectors, a tail of output rows that is not a whole register tile,
+    and widths that pad X to whole register tiles."""
+    rng = np.random.default_rng(8)
+    groups, other = (301, 1101) if axis == 1 else (53, 1101)  # along: 1204 = 1024 + 180
+    a, w = _nm(rng, 2, 4, axis, groups, other, dtype)
+    _nm_check_all_isas(a, w, (5, 18), dtype, paths=("auto",))
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 2)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
