@@ -237,7 +237,7 @@ def run(quick: bool = False) -> str:
         _scaling_rows(*_case((size, size), (32, 32), 0.1, n)),
     )
     size_nm = 1024 if quick else 4096
-    # Narrow widths: the row-dot (2..8) and gather (up to 64) kernels; wide: expanded tiles.
+    # Narrow widths: the row-dot, dot and gather kernels (up to 64); wide: expanded tiles.
     widths = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 48, 64, 256, 1024]
     nm_rows = []
     for axis in [1] if quick else [1, 0]:

@@ -246,9 +246,8 @@ def set_nm_gather_from(n: int) -> int:
 
 def set_nm_gather_upto(n: int | None) -> int | None:
     """Width of ``X`` up to which (from 2 columns) an N:M product runs the narrow-``X``
-    kernels (the stored-entries gather kernel, which does ``n / m`` of the dense FMAs, and
-    for 2 to 8 columns the row-dot, column-axpy and group-dot kernels; docs/native.md)
-    instead of expanded tiles; ``0``: never, ``None``: the measured default of the
+    kernels (the row-dot, column-axpy, dot and stored-entries gather kernels, each over
+    the widths where it was measured fastest; docs/native.md) instead of expanded tiles; ``0``: never, ``None``: the measured default of the
     instruction set. Returns the previous setting. For tests and benchmarks.
 
     Example:

@@ -429,7 +429,8 @@ def _corrupt_positions(a, kind):
 @pytest.mark.parametrize("transpose", [False, True])
 def test_nm_corrupted_positions_raise_on_every_path(kind, axis, transpose):
     n, m = (1, 3) if kind == "out_of_range" else (2, 4)
-    # 2:4 over 64 columns: whole 16-lane vectors (the AVX-512 row-dot kernel at B = 3).
+    # 2:4 over 64 columns: whole 16-lane vectors (the AVX-512 row-dot kernel at B = 3, the
+    # dot kernel at 17 along the groups on AVX-512 and across them everywhere).
     grouped = 64 if m == 4 else None
     a, w = _nm_case(np.random.default_rng(4), n, m, axis, jnp.float32, grouped, other=16)
     rows, cols = w.shape
@@ -491,20 +492,24 @@ _NARROW = (2, 3, 8, 15, 16, 17, 33, 48, 49)
 @pytest.mark.parametrize("axis", [0, 1])
 def test_nm_narrow_x_every_path(nm, axis):
     n, m = nm
-    # 64 grouped entries: whole vectors (row-dot); other = 21: a tail of output rows.
+    # 64 grouped entries: whole vectors (row-dot); other = 21: a tail of output rows (and,
+    # across the groups, of the dot kernel's contraction).
     a, w = _nm_case(np.random.default_rng(6), n, m, axis, jnp.float32, grouped=64, other=21)
     _nm_check_all_isas(a, w, _NARROW if nm == (2, 4) else (2, 16, 49), jnp.float32)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_nm_dot_kernel_chunks_and_tails(axis, dtype):
-    """The dot kernel (W @ X, narrow X, the contraction along W's columns) past its chunk
-    of the contraction (1024 columns along the groups, 512 across), with a last chunk
-    that is not whole vectors, a tail of output rows that is not a whole register tile,
-    and widths that pad X to whole register tiles."""
+def test_nm_dot_and_outer_kernels_chunks_and_tails(axis, dtype):
+    """The dot kernel (W @ X, narrow X, the contraction along W's columns) and the
+    outer-product kernel (W.T @ X) past their chunk of the contraction (dot: 1024 columns
+    along the groups, 512 across; outer: 256 rows), with a last chunk that is not whole
+    vectors, a tail of outputs that is not a whole register tile, and widths that pad X
+    to whole register tiles (dot) or leave a partial tile of columns (outer)."""
     rng = np.random.default_rng(8)
-    groups, other = (301, 1101) if axis == 1 else (53, 1101)  # along: 1204 = 1024 + 180
+    # W @ X contracts 1204 = 1024 + 180 (axis 1) or 1101 (axis 0) columns; W.T @ X
+    # contracts 1101 (axis 1) or 280 = 256 + 24 (axis 0) rows.
+    groups, other = (301, 1101) if axis == 1 else (70, 1101)
     a, w = _nm(rng, 2, 4, axis, groups, other, dtype)
     _nm_check_all_isas(a, w, (5, 18), dtype, paths=("auto",))
 

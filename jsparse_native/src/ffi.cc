@@ -61,15 +61,15 @@ std::atomic<int> g_bcsr_strips{1};   // BCSR strip kernel (bcsr_strips.inc); 0: 
 // width of X on (forced: tests, benchmarks; by default only when X holds a NaN or an
 // infinity, as the expanded tiles win for wide X).
 std::atomic<int64_t> g_nm_gather_from{int64_t{1} << 30};
-// The narrow-X kernels (gather, row-dot, column-axpy, group-dot: docs/native.md) from 2
-// columns up to this width (one column runs the matrix-vector loops), where the dense
-// product is FMA-bound and the gather kernel's n / m of its FMAs win. -1: the measured
+// The narrow-X kernels (row-dot, column-axpy, dot, gather: docs/native.md) from 2
+// columns up to this width (one column runs the matrix-vector loops; each kernel takes
+// the widths where it was measured fastest, kernels.inc nm_case). -1: the measured
 // default per instruction set (kGatherUpto).
 std::atomic<int64_t> g_nm_gather_upto{-1};
 // Measured (docs/native.md, "Speed"), 2:4, 4096 x 4096, one thread: AVX-512 gather /
 // expanded tiles 5.0 / 7.9 ms at 16 columns, 8.8 / 11.9 at 48, 15.4 / 16.8 at 64,
-// 20.1 / 22.0 at 96 (the row-dot kernel takes 2..8 columns); AVX2 9.1 / 44.9 at 16,
-// 16.3 / 54.7 at 48; portable 19.3 / 48.8 at 16, 39.6 / 79.6 at 48.
+// 20.1 / 22.0 at 96; AVX2 9.1 / 44.9 at 16, 16.3 / 54.7 at 48; portable 19.3 / 48.8 at
+// 16, 39.6 / 79.6 at 48 (the dot kernel, where it takes a width, beat both).
 constexpr int64_t kGatherUpto[3] = {64, 64, 64};  // generic, avx2, avx512
 
 const KernelTable* table_for(int isa) {
