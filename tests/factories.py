@@ -8,4 +8,12 @@ from __future__ import annotations
 
 import jsparse
 
-FACTORIES = [ex for fmt in jsparse.extend.registered_formats() for ex in fmt.oracle_examples]
+_FORMATS = [fmt for fmt in jsparse.extend.registered_formats() if fmt.oracle_examples]
+
+FACTORIES = [ex for fmt in _FORMATS for ex in fmt.oracle_examples]
+"""Every example of every format: the oracle suite runs each op on each pattern."""
+
+REPRESENTATIVES = [fmt.oracle_examples[0] for fmt in _FORMATS]
+"""Each format's first example: the suites of compositions (every transformation,
+``jax.export``) test a format's rules (JVP, transpose, batching, shape polymorphism);
+the oracle suite runs the kernels behind them on every pattern."""

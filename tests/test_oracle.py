@@ -9,7 +9,7 @@ import pytest
 
 import jsparse
 
-from factories import FACTORIES
+from factories import FACTORIES, REPRESENTATIVES
 from oracle import (
     assert_close,
     gather_dense_grad,
@@ -24,8 +24,17 @@ CASES = [(f, shape) for f in FACTORIES for shape in f.shapes]
 IDS = [f"{f.name}-{shape[0]}x{shape[1]}" for f, shape in CASES]
 
 
-def _impls(a):
-    return ["auto", *jsparse.implementations("matmul", type(a))]
+def _impls(case, combo: int, combos: int) -> list[str]:
+    """The named implementations (not "auto": it runs one of them) that check ``case``
+    in the ``combo``-th of ``combos`` combinations of the other factors (dtype and
+    orientation). A pairwise design rather than every combination: implementation
+    ``j`` of example ``c`` runs in combination ``(c + j) % combos``, so every
+    implementation meets every example once, and every combination over the examples."""
+    factory, shape = case
+    fmt = type(factory.make(jax.random.key(0), shape, jnp.float32))
+    c = CASES.index(case)
+    impls = jsparse.implementations("matmul", fmt)
+    return [impl for j, impl in enumerate(impls) if (c + j) % combos == combo]
 
 
 def _dense_matmul(w, x, left: bool):
@@ -79,21 +88,7 @@ def test_basic_members(case, dtype):
     np.testing.assert_array_equal(np.asarray(c.todense(), np.float32), np.asarray(d, np.float32))
 
 
-# (dtype, batch, n): the matrix case in every dtype; vector and batched in float32.
-OPERANDS = [
-    (jnp.float32, (), 3),
-    (jnp.bfloat16, (), 3),
-    (jnp.float32, (), None),
-    (jnp.float32, (2,), 5),
-]
-
-
-@pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
-@pytest.mark.parametrize(
-    "dtype,batch,n", OPERANDS, ids=["matrix-f32", "matrix-bf16", "vector-f32", "batched-f32"]
-)
-def test_matmul(case, dtype, left, batch, n):
-    factory, shape = case
+def _check_matmul(factory, shape, dtype, left, batch, n, impls=("auto",)):
     a = factory.make(jax.random.key(1), shape, dtype)
     x = _operand(jax.random.key(2), a, left, batch if (n or left) else (), n, dtype)
     if left and n is None:
@@ -108,17 +103,42 @@ def test_matmul(case, dtype, left, batch, n):
     assert eager.shape == expected.shape and eager.dtype == dtype
     assert_close(eager, expected, dtype, k, err_msg="eager")
     assert_close((x @ a) if left else (a @ x), expected, dtype, k, err_msg="operator")
-    # A vector or a batch is folded into a matrix before any implementation runs
-    # (jsparse.core.verbs), so every implementation runs on the matrix operands; the
-    # vector and batched cases check the folding through the default one.
-    for impl in _impls(a) if batch == () and n is not None else ["auto"]:
+    for impl in impls:
         out = jax.jit(product, static_argnums=2)(a, x, impl)
         assert out.dtype == dtype, impl
         assert_close(out, expected, dtype, k, err_msg=f"jit impl={impl}")
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_matmul(case, dtype, left):
+    """A matrix operand: the default implementation eager and through the operator, and
+    under ``jit`` each implementation in one of the four (dtype, orientation) cases."""
+    factory, shape = case
+    combo = 2 * DTYPES.index(dtype) + int(left)
+    _check_matmul(factory, shape, dtype, left, (), 3, _impls(case, combo, 4))
+
+
+# A vector or a batch is folded into a matrix before any implementation runs
+# (jsparse.core.verbs): the folding is the verbs' (not a pattern's or an
+# implementation's), checked through the default implementation on each format's
+# representative example.
+FORMAT_CASES = [(f, f.shapes[0]) for f in REPRESENTATIVES]
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+@pytest.mark.parametrize("batch,n", [((), None), ((2,), 5)], ids=["vector", "batched"])
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f.name for f, _ in FORMAT_CASES])
+def test_matmul_folds_vectors_and_batches(case, left, batch, n):
+    factory, shape = case
+    _check_matmul(factory, shape, jnp.float32, left, batch, n)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f.name for f, _ in FORMAT_CASES])
 def test_vmap_over_dense_operand(case, left):
+    """A batch of the dense operand is folded into its columns (the product's batching
+    rule, jsparse.core.product: one rule for every format)."""
     factory, shape = case
     dtype = jnp.float32
     a = factory.make(jax.random.key(3), shape, dtype)
@@ -166,8 +186,10 @@ def test_grad(case, dtype, left):
     def loss_dense(w, x):
         return _loss(_dense_matmul(w, x, left))
 
-    # every implementation in float32; the default one in the other dtypes
-    for impl in _impls(a) if dtype == jnp.float32 else ["auto"]:
+    # In float32 each implementation in one of the two orientations (_impls); the
+    # default one in the other dtypes.
+    impls = _impls(case, int(left), 2) if dtype == jnp.float32 else []
+    for impl in impls or ["auto"]:
 
         def loss(a, x, impl=impl):
             return _loss(
@@ -198,14 +220,9 @@ def test_float0_index_cotangents(case):
     ga.validate()  # a cotangent passes validation
 
 
-# float64 is a path of each format's code, not of each pattern: the first example of
-# each format (the name's prefix: bcsr, nm, monarch, lowrank, ...).
-FLOAT64_CASES = list({f.name.split("_")[0]: (f, shape) for f, shape in reversed(CASES)}.values())
-
-
-@pytest.mark.parametrize(
-    "case", FLOAT64_CASES, ids=[f"{f.name}-{s[0]}x{s[1]}" for f, s in FLOAT64_CASES]
-)
+# float64 is a path of each format's code, not of each pattern: each format's
+# representative example.
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f.name for f, _ in FORMAT_CASES])
 def test_float64(case):
     factory, shape = case
     with jax.enable_x64(True):

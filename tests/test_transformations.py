@@ -2,8 +2,10 @@
 
 Forward mode (``jvp``, ``jacfwd``, ``hessian``, forward-over-reverse), reverse mode
 (``jacrev``, ``grad``), ``linearize``, ``linear_transpose`` and ``vmap`` of them, for
-every oracle example, implementation and orientation (``A @ x`` and ``x @ A``): the
-same transformation of the same function on ``a.todense()`` is the reference.
+every format's representative example (its first: the rules are the format's, and
+tests/test_oracle.py runs their kernels on every pattern), every implementation and
+orientation (``A @ x`` and ``x @ A``): the same transformation of the same function on
+``a.todense()`` is the reference.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flax import nnx
 
 import jsparse
 
-from factories import FACTORIES
+from factories import REPRESENTATIVES
 from oracle import assert_close
 
 F32 = jnp.float32
@@ -33,10 +35,10 @@ def _format_of(factory):
     return type(factory.make(jax.random.key(0), factory.shapes[0], F32))
 
 
-# One shape per example: every example, implementation and orientation.
+# One shape per format: every format, implementation and orientation.
 CASES = [
     (f, f.shapes[0], impl, left)
-    for f in FACTORIES
+    for f in REPRESENTATIVES
     for impl in _impls(_format_of(f))
     if impl != "xla"
     for left in (False, True)
@@ -134,7 +136,7 @@ SECOND_ORDER = {"hessian", "hvp"}
 @functools.cache
 def _dense_reference(name: str, shape: tuple[int, int], left: bool):
     """All transformations on ``a.todense()``, computed once per example and side."""
-    factory = next(f for f in FACTORIES if f.name == name)
+    factory = next(f for f in REPRESENTATIVES if f.name == name)
     a = factory.make(jax.random.key(0), shape, F32)
     out = jax.jit(lambda *args: _transforms(_dense_fn(a, left), *args))(*_inputs(a, left))
     return jax.tree.map(np.asarray, out)
@@ -155,8 +157,8 @@ def _check(factory, shape, impl, left, full):
             assert_close(g, w, F32, k, err_msg=f"{name}[{i}] impl={impl}")
 
 
-# Every transformation through the sparse (XLA) kernels of every example...
-FULL = [(f, f.shapes[0], left) for f in FACTORIES for left in (False, True)]
+# Every transformation through the sparse (XLA) kernels of every format...
+FULL = [(f, f.shapes[0], left) for f in REPRESENTATIVES for left in (False, True)]
 FULL_IDS = [f"{f.name}-{'x@a' if left else 'a@x'}" for f, _, left in FULL]
 
 
@@ -173,7 +175,7 @@ def test_transformations(factory, shape, impl, left):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16], ids=["bf16"])
-@pytest.mark.parametrize("factory", FACTORIES, ids=[f.name for f in FACTORIES])
+@pytest.mark.parametrize("factory", REPRESENTATIVES, ids=[f.name for f in REPRESENTATIVES])
 def test_jvp_dtypes_default_impl(factory, dtype):
     """``jax.jvp`` in both operands with the default ``impl``, in the other dtypes
     (float32 is every other test's)."""

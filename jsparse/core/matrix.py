@@ -84,7 +84,9 @@ class AbstractSparseMatrix(metaclass=_FormatMeta):
     * ``_static_fields``: the fields that are static metadata (pytree aux data);
     * ``_value_fields``: the leaves that hold the stored (trainable, floating) values;
       the other leaves are index arrays (their cotangents are ``float0``);
-    * ``oracle_examples``: :class:`OracleExample` instances the shared test suite runs.
+    * ``oracle_examples``: :class:`OracleExample` instances the shared test suite runs;
+      the first is the format's representative, which the suites of compositions
+      (every transformation, ``jax.export``) run alone.
 
     Example:
       >>> import jax, jax.numpy as jnp, jsparse

@@ -14,8 +14,8 @@ def _random(block_shape, density):
 
 
 BCSR.oracle_examples = (
-    OracleExample("bcsr_1x1", _random((1, 1), 0.3), ((12, 20),)),
     OracleExample("bcsr_4x8", _random((4, 8), 0.4), ((32, 24),)),
+    OracleExample("bcsr_1x1", _random((1, 1), 0.3), ((12, 20),)),
     OracleExample("bcsr_32x32", _random((32, 32), 0.5), ((64, 96),)),
     # >= 64x64 blocks take the batched (both-cores) path of the XLA spmm.
     OracleExample("bcsr_64x128", _random((64, 128), 0.5), ((192, 256),)),
