@@ -15,12 +15,10 @@ from jax import export
 import jsparse
 from jsparse.core.registry import on_platform
 
-from factories import FACTORIES, REPRESENTATIVES
+from factories import FACTORIES, REPRESENTATIVE_CASES, REPRESENTATIVE_IDS
 
 CASES = [(f, f.shapes[0]) for f in FACTORIES]
 IDS = [f.name for f, _ in CASES]
-FORMAT_CASES = [(f, f.shapes[0]) for f in REPRESENTATIVES]
-FORMAT_IDS = [f.name for f, _ in FORMAT_CASES]
 PLATFORMS = ["cpu", "cuda", "tpu"]
 
 
@@ -48,7 +46,7 @@ def test_serialize_round_trip(factory, shape):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(leaf2))
 
 
-@pytest.mark.parametrize(("factory", "shape"), FORMAT_CASES, ids=FORMAT_IDS)
+@pytest.mark.parametrize(("factory", "shape"), REPRESENTATIVE_CASES, ids=REPRESENTATIVE_IDS)
 @pytest.mark.parametrize("left", [False, True], ids=["A@x", "x@A"])
 def test_symbolic_batch(factory, shape, left):
     a = _make(factory, shape)
@@ -68,7 +66,7 @@ def test_symbolic_batch(factory, shape, left):
         _close(y, x @ dense if left else dense @ x)
 
 
-@pytest.mark.parametrize(("factory", "shape"), FORMAT_CASES, ids=FORMAT_IDS)
+@pytest.mark.parametrize(("factory", "shape"), REPRESENTATIVE_CASES, ids=REPRESENTATIVE_IDS)
 @pytest.mark.parametrize("left", [False, True], ids=["A@x", "x@A"])
 def test_symbolic_leading_batch(factory, shape, left):
     a = _make(factory, shape)
@@ -82,7 +80,7 @@ def test_symbolic_leading_batch(factory, shape, left):
     _close(exp.call(a, x), x @ dense if left else dense @ x)
 
 
-@pytest.mark.parametrize(("factory", "shape"), FORMAT_CASES, ids=FORMAT_IDS)
+@pytest.mark.parametrize(("factory", "shape"), REPRESENTATIVE_CASES, ids=REPRESENTATIVE_IDS)
 def test_multi_platform_export(factory, shape):
     a = _make(factory, shape)
     x = jax.random.normal(jax.random.key(3), (shape[1], 4))

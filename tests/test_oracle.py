@@ -9,7 +9,7 @@ import pytest
 
 import jsparse
 
-from factories import FACTORIES, REPRESENTATIVES
+from factories import FACTORIES, FORMAT_OF, REPRESENTATIVE_CASES, REPRESENTATIVE_IDS
 from oracle import (
     assert_close,
     gather_dense_grad,
@@ -30,10 +30,8 @@ def _impls(case, combo: int, combos: int) -> list[str]:
     orientation). A pairwise design rather than every combination: implementation
     ``j`` of example ``c`` runs in combination ``(c + j) % combos``, so every
     implementation meets every example once, and every combination over the examples."""
-    factory, shape = case
-    fmt = type(factory.make(jax.random.key(0), shape, jnp.float32))
     c = CASES.index(case)
-    impls = jsparse.implementations("matmul", fmt)
+    impls = jsparse.implementations("matmul", FORMAT_OF[case[0].name])
     return [impl for j, impl in enumerate(impls) if (c + j) % combos == combo]
 
 
@@ -123,19 +121,16 @@ def test_matmul(case, dtype, left):
 # (jsparse.core.verbs): the folding is the verbs' (not a pattern's or an
 # implementation's), checked through the default implementation on each format's
 # representative example.
-FORMAT_CASES = [(f, f.shapes[0]) for f in REPRESENTATIVES]
-
-
 @pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
 @pytest.mark.parametrize("batch,n", [((), None), ((2,), 5)], ids=["vector", "batched"])
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f.name for f, _ in FORMAT_CASES])
+@pytest.mark.parametrize("case", REPRESENTATIVE_CASES, ids=REPRESENTATIVE_IDS)
 def test_matmul_folds_vectors_and_batches(case, left, batch, n):
     factory, shape = case
     _check_matmul(factory, shape, jnp.float32, left, batch, n)
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f.name for f, _ in FORMAT_CASES])
+@pytest.mark.parametrize("case", REPRESENTATIVE_CASES, ids=REPRESENTATIVE_IDS)
 def test_vmap_over_dense_operand(case, left):
     """A batch of the dense operand is folded into its columns (the product's batching
     rule, jsparse.core.product: one rule for every format)."""
@@ -222,7 +217,7 @@ def test_float0_index_cotangents(case):
 
 # float64 is a path of each format's code, not of each pattern: each format's
 # representative example.
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=[f.name for f, _ in FORMAT_CASES])
+@pytest.mark.parametrize("case", REPRESENTATIVE_CASES, ids=REPRESENTATIVE_IDS)
 def test_float64(case):
     factory, shape = case
     with jax.enable_x64(True):

@@ -20,7 +20,7 @@ from flax import nnx
 
 import jsparse
 
-from factories import REPRESENTATIVES
+from factories import FORMAT_OF, REPRESENTATIVES
 from oracle import assert_close
 
 F32 = jnp.float32
@@ -31,15 +31,11 @@ def _impls(fmt):
     return list(jsparse.implementations("matmul", fmt))
 
 
-def _format_of(factory):
-    return type(factory.make(jax.random.key(0), factory.shapes[0], F32))
-
-
 # One shape per format: every format, implementation and orientation.
 CASES = [
     (f, f.shapes[0], impl, left)
     for f in REPRESENTATIVES
-    for impl in _impls(_format_of(f))
+    for impl in _impls(FORMAT_OF[f.name])
     if impl != "xla"
     for left in (False, True)
 ]
