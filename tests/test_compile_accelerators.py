@@ -83,13 +83,24 @@ TPU_GRID = [
     ((128, 32), 5),
 ]
 TPU_V5E_ONLY = [((2048, 2048), 512)]
+# A100 and v6e run the code paths of H100 and v5e with other on-chip budgets (shared
+# memory, VMEM): there, the blocks the budget binds (the largest, skinny and wide) and
+# one rectangular block, rather than the whole grid again.
+BUDGET_GRID = {
+    "a100": [((16, 64), 512), ((256, 256), 1), ((256, 256), 512)],
+    "v6e": [((16, 128), 300), ((256, 256), 1), ((256, 256), 512)],
+}
 
 
 def _grid():
     cases = []
     for t in TARGETS:
         for dtype in (F32, BF16):
-            if t.backend == "gpu":
+            if t.name in BUDGET_GRID:
+                grid = BUDGET_GRID[t.name] + (
+                    GPU_BF16_ONLY if t.backend == "gpu" and dtype == BF16 else []
+                )
+            elif t.backend == "gpu":
                 grid = GPU_GRID + (GPU_BF16_ONLY if dtype == BF16 else [])
             else:
                 grid = TPU_GRID + (TPU_V5E_ONLY if t.name == "v5e" else [])

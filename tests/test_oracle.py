@@ -55,7 +55,17 @@ def case(request):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+# The members and the gradients in float32 on every example; in bfloat16 (a path of
+# each format's code rather than of a pattern) on each format's representative example.
+DTYPE_CASES = [
+    pytest.param(c, jnp.float32, id=f"{i}-float32") for c, i in zip(CASES, IDS, strict=True)
+] + [
+    pytest.param(c, jnp.bfloat16, id=f"{c[0].name}-{c[1][0]}x{c[1][1]}-bfloat16")
+    for c in REPRESENTATIVE_CASES
+]
+
+
+@pytest.mark.parametrize("case,dtype", DTYPE_CASES)
 def test_basic_members(case, dtype):
     factory, shape = case
     a = factory.make(jax.random.key(0), shape, dtype)
@@ -164,8 +174,8 @@ def test_vmap_over_values(case, left):
     assert_close(dense, jnp.stack([m.todense() for m in mats]), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("left", [False, True], ids=["a@x", "x@a"])
+@pytest.mark.parametrize("case,dtype", DTYPE_CASES)
 def test_grad(case, dtype, left):
     factory, shape = case
     a = factory.make(jax.random.key(7), shape, dtype)
@@ -182,7 +192,7 @@ def test_grad(case, dtype, left):
         return _loss(_dense_matmul(w, x, left))
 
     # In float32 each implementation in one of the two orientations (_impls); the
-    # default one in the other dtypes.
+    # default one in bfloat16.
     impls = _impls(case, int(left), 2) if dtype == jnp.float32 else []
     for impl in impls or ["auto"]:
 
