@@ -96,14 +96,10 @@ def _grid():
     cases = []
     for t in TARGETS:
         for dtype in (F32, BF16):
-            if t.name in BUDGET_GRID:
-                grid = BUDGET_GRID[t.name] + (
-                    GPU_BF16_ONLY if t.backend == "gpu" and dtype == BF16 else []
-                )
-            elif t.backend == "gpu":
-                grid = GPU_GRID + (GPU_BF16_ONLY if dtype == BF16 else [])
+            if t.backend == "gpu":
+                grid = BUDGET_GRID.get(t.name, GPU_GRID) + (GPU_BF16_ONLY if dtype == BF16 else [])
             else:
-                grid = TPU_GRID + (TPU_V5E_ONLY if t.name == "v5e" else [])
+                grid = BUDGET_GRID.get(t.name, TPU_GRID) + (TPU_V5E_ONLY if t.name == "v5e" else [])
             for block, n in grid:
                 big = max(block) >= 512
                 marks = [pytest.mark.slow] if big else []

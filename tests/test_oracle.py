@@ -21,7 +21,14 @@ from oracle import (
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 CASES = [(f, shape) for f in FACTORIES for shape in f.shapes]
-IDS = [f"{f.name}-{shape[0]}x{shape[1]}" for f, shape in CASES]
+
+
+def _case_id(case) -> str:
+    factory, shape = case
+    return f"{factory.name}-{shape[0]}x{shape[1]}"
+
+
+IDS = [_case_id(c) for c in CASES]
 
 
 def _impls(case, combo: int, combos: int) -> list[str]:
@@ -57,11 +64,8 @@ def case(request):
 
 # The members and the gradients in float32 on every example; in bfloat16 (a path of
 # each format's code rather than of a pattern) on each format's representative example.
-DTYPE_CASES = [
-    pytest.param(c, jnp.float32, id=f"{i}-float32") for c, i in zip(CASES, IDS, strict=True)
-] + [
-    pytest.param(c, jnp.bfloat16, id=f"{c[0].name}-{c[1][0]}x{c[1][1]}-bfloat16")
-    for c in REPRESENTATIVE_CASES
+DTYPE_CASES = [pytest.param(c, jnp.float32, id=f"{_case_id(c)}-float32") for c in CASES] + [
+    pytest.param(c, jnp.bfloat16, id=f"{_case_id(c)}-bfloat16") for c in REPRESENTATIVE_CASES
 ]
 
 
