@@ -34,6 +34,8 @@ __all__ = [
     "set_max_threads",
     "set_nm_gather_from",
     "set_nm_gather_upto",
+    "set_nm_permute_from",
+    "nm_last_permuted",
     "set_nm_sddmm_blocking",
     "supported_isas",
 ]
@@ -77,6 +79,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for name in ("jsparse_native_isa", "jsparse_native_best_isa", "jsparse_native_set_isa",
                  "jsparse_native_max_threads", "jsparse_native_last_threads",
                  "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto",
+                 "jsparse_native_nm_permute_from", "jsparse_native_nm_last_permuted",
                  "jsparse_native_nm_sddmm_kc", "jsparse_native_nm_sddmm_gblock"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
     lib.jsparse_native_bcsr_strips.restype = ctypes.c_int
@@ -263,6 +266,40 @@ def set_nm_gather_upto(n: int | None) -> int | None:
     previous = lib.jsparse_native_nm_gather_upto()
     lib.jsparse_native_set_nm_gather_upto(-1 if n is None else n)
     return None if previous < 0 else previous
+
+
+def set_nm_permute_from(n: int | None) -> int | None:
+    """Width of ``X`` from which ``W.T @ X`` for an N:M ``W`` grouped along axis 0 (the
+    product of ``NMLinear``'s forward, ``x @ W``) runs the permute kernel: stored entries
+    only, each lane's entry of ``X`` picked by a 512-bit permute (docs/native.md). It
+    runs on AVX-512 only, for ``m`` dividing 16. ``None``: the measured default (from
+    2 columns on AMD CPUs, whose permutes issue beside the FMAs; never elsewhere).
+    Returns the previous setting. For tests and benchmarks.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_nm_permute_from(2)
+      ...     _ = jsparse_native.set_nm_permute_from(old)
+    """
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be None or an int >= 1, got {n!r}")
+    lib = _lib()
+    previous = lib.jsparse_native_nm_permute_from()
+    lib.jsparse_native_set_nm_permute_from(-1 if n is None else n)
+    return None if previous < 0 else previous
+
+
+def nm_last_permuted() -> bool:
+    """Whether the last N:M product ran the permute kernel (:func:`set_nm_permute_from`)
+    on some of its rows. For tests.
+
+    Example:
+      >>> import jsparse_native
+      >>> jsparse_native.nm_last_permuted() in (True, False) if jsparse_native.available() else True
+      True
+    """
+    return bool(_lib().jsparse_native_nm_last_permuted())
 
 
 def set_bcsr_strips(on: bool) -> bool:

@@ -343,18 +343,25 @@ def _nm_path(path):
     """Force a kernel path of the N:M products: "auto" (the handler's choice by width:
     up to 64 columns the row-dot / column-axpy (AVX-512, along the groups), dot and
     gather kernels, each up to its measured width, expanded tiles above),
-    "gather" (stored entries at every width, contraction along the groups) or "dense"
-    (expanded tiles at every width > 1)."""
+    "gather" (stored entries at every width, contraction along the groups), "permute"
+    (``W.T @ X`` along axis 0 from 2 columns: the AVX-512 permute kernel, whatever the
+    CPU's vendor) or "dense" (expanded tiles at every width > 1)."""
     old_from = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
     old_upto = jsparse_native.set_nm_gather_upto(0 if path == "dense" else None)
+    permute = {"permute": 2, "auto": None}.get(path, 10**6)
+    old_permute = jsparse_native.set_nm_permute_from(permute)
     try:
         yield
     finally:
         jsparse_native.set_nm_gather_from(old_from)
         jsparse_native.set_nm_gather_upto(old_upto)
+        jsparse_native.set_nm_permute_from(old_permute)
 
 
-def _nm_check_all_isas(a, w, widths, dtype, paths=("auto", "gather", "dense"), nan=False):
+_PATHS = ("auto", "gather", "permute", "dense")
+
+
+def _nm_check_all_isas(a, w, widths, dtype, paths=_PATHS, nan=False):
     rng = np.random.default_rng(1)
     rows, cols = w.shape
     for b in widths:
@@ -439,7 +446,7 @@ def test_nm_corrupted_positions_raise_on_every_path(kind, axis, transpose):
     for b in (1, 3, 17):
         x = jnp.ones((rows if transpose else cols, b))
         for isa in ISAS:
-            paths = (("auto", x), ("gather", x), ("dense", x), ("auto", x.at[0].set(jnp.nan)))
+            paths = [(path, x) for path in _PATHS] + [("auto", x.at[0].set(jnp.nan))]
             for path, x_in in paths:
                 with _nm_path(path), jsparse_native.forced_isa(isa):
                     with pytest.raises(Exception, match="corrupted N:M positions"):
@@ -477,6 +484,32 @@ def test_nm_gather_from_control_rejects_bad_values():
         jsparse_native.set_nm_gather_from(0)
     with pytest.raises(ValueError, match="n must be None or an int >= 0"):
         jsparse_native.set_nm_gather_upto(-1)
+    with pytest.raises(ValueError, match="n must be None or an int >= 1"):
+        jsparse_native.set_nm_permute_from(0)
+
+
+@pytest.mark.parametrize(
+    "nm",
+    [(1, 2), (2, 4), (3, 4), (2, 8), (5, 8), (2, 16), (1, 3)],
+    ids=lambda nm: f"{nm[0]}of{nm[1]}",
+)
+def test_nm_permute_kernel_tiles_chunks_and_tails(nm):
+    """The permute kernel (``W.T @ X`` along axis 0; m dividing 16, else the expanded
+    tiles): 16 output rows per tile and a tail of 5 left to the expanded tiles, a last
+    chunk of groups that fills neither of its two vectors of X's rows, whole and partial
+    blocks of 4 columns, and a second block of columns past 256."""
+    n, m = nm
+    groups = 2 * (16 // m if 16 % m == 0 else 4) + 1
+    a, w = _nm(np.random.default_rng(9), n, m, 0, groups, 37, jnp.float32)
+    _nm_check_all_isas(a, w, (2, 4, 7, 300), jnp.float32, paths=("permute",))
+    if "avx512" not in jsparse_native.supported_isas():
+        return
+    f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, True, a.values, p, x))
+    x = jnp.ones((w.shape[0], 4))
+    for path, runs in (("permute", 16 % m == 0), ("dense", False)):
+        with _nm_path(path), jsparse_native.forced_isa("avx512"):
+            jax.block_until_ready(f(a.positions, x))
+            assert jsparse_native.nm_last_permuted() == runs, path
 
 
 # Narrow X (2 .. 64 columns): the row-dot (AVX-512, whole 16-lane vectors of a row, 2..4

@@ -71,6 +71,24 @@ std::atomic<int64_t> g_nm_gather_upto{-1};
 // 20.1 / 22.0 at 96; AVX2 9.1 / 44.9 at 16, 16.3 / 54.7 at 48; portable 19.3 / 48.8 at
 // 16, 39.6 / 79.6 at 48 (the dot kernel, where it takes a width, beat both).
 constexpr int64_t kGatherUpto[3] = {64, 64, 64};  // generic, avx2, avx512
+// W.T @ X along axis 0 (NMLinear's forward): the permute kernel from this width of X on
+// (AVX-512 only). -1: the measured default, kPermuteFrom on AMD CPUs (Zen 4, whose
+// 512-bit permutes issue beside the FMAs; docs/native.md), never elsewhere (on the Intel
+// runner they share an FMA port, and the kernel was not measured there).
+std::atomic<int64_t> g_nm_permute_from{-1};
+constexpr int64_t kPermuteFrom = 2;
+std::atomic<int> g_nm_last_permuted{0};  // whether the last N:M product ran it (tests)
+constexpr int64_t kNever = int64_t{1} << 30;
+
+bool permutes_beside_fmas() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+const bool kPermutesBesideFmas = permutes_beside_fmas();
 
 const KernelTable* table_for(int isa) {
   if (isa >= 2 && avx512_kernels()) return avx512_kernels();
@@ -359,6 +377,10 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   const KernelTable* k = table_for(isa);
   const int64_t upto = g_nm_gather_upto.load();
   args.gather_upto = upto >= 0 ? upto : kGatherUpto[std::max(0, std::min(isa, 2))];
+  const int64_t pf = g_nm_permute_from.load();
+  args.permute_from = pf >= 0 ? std::max<int64_t>(pf, 1) : kPermutesBesideFmas ? kPermuteFrom : kNever;
+  int permuted = 0;
+  args.permuted = &permuted;
   const bool grouped_out = (axis == 1) == transpose;
   const int64_t panel = nm_panel_rows(m, grouped_out);
   const int64_t items = (out_rows + panel - 1) / panel;
@@ -367,6 +389,7 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   parallel_for(pool, parts, [&](int64_t c) {
     k->nm(args, items * c / parts, items * (c + 1) / parts);
   });
+  g_nm_last_permuted.store(__atomic_load_n(&permuted, __ATOMIC_RELAXED));
   if (__atomic_load_n(&bad_flag, __ATOMIC_RELAXED))
     return bad("corrupted N:M positions: a position >= m = " + std::to_string(m) +
                " or positions not strictly increasing within a group");
@@ -436,6 +459,10 @@ int jsparse_native_nm_gather_from() { return static_cast<int>(jsparse_native::g_
 // ... and up to this width (0: never; -1: the measured default).
 void jsparse_native_set_nm_gather_upto(int n) { jsparse_native::g_nm_gather_upto.store(std::max(-1, n)); }
 int jsparse_native_nm_gather_upto() { return static_cast<int>(jsparse_native::g_nm_gather_upto.load()); }
+// ... W.T @ X along axis 0: the permute kernel from this width (-1: the default per CPU).
+void jsparse_native_set_nm_permute_from(int n) { jsparse_native::g_nm_permute_from.store(std::max(-1, n)); }
+int jsparse_native_nm_permute_from() { return static_cast<int>(jsparse_native::g_nm_permute_from.load()); }
+int jsparse_native_nm_last_permuted() { return jsparse_native::g_nm_last_permuted.load(); }
 }
 #pragma GCC visibility pop
 

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
@@ -80,6 +81,9 @@ struct NmArgs {
   int64_t gather_upto;
   bool finite_x;        // X holds no NaN or infinity (else: stored entries only)
   int* bad;
+  // W.T @ X along axis 0 from this width on: the permute kernel (AVX-512; kernels.inc).
+  int64_t permute_from;
+  int* permuted;  // set when a range ran the permute kernel (tests)
 };
 
 // Output rows per work item (the unit of the thread split) of an N:M product: 16, or
