@@ -273,7 +273,7 @@ def set_nm_permute_from(n: int | None) -> int | None:
     product of ``NMLinear``'s forward, ``x @ W``) runs the permute kernel: stored entries
     only, each lane's entry of ``X`` picked by a 512-bit permute (docs/native.md). It
     runs on AVX-512 only, for ``m`` dividing 16. ``None``: the measured default (from
-    2 columns on AMD CPUs, whose permutes issue beside the FMAs; never elsewhere).
+    2 columns on AMD CPUs, whose permutes largely overlap the FMAs; never elsewhere).
     Returns the previous setting. For tests and benchmarks.
 
     Example:

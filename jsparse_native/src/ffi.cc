@@ -73,14 +73,14 @@ std::atomic<int64_t> g_nm_gather_upto{-1};
 constexpr int64_t kGatherUpto[3] = {64, 64, 64};  // generic, avx2, avx512
 // W.T @ X along axis 0 (NMLinear's forward): the permute kernel from this width of X on
 // (AVX-512 only). -1: the measured default, kPermuteFrom on AMD CPUs (Zen 4, whose
-// 512-bit permutes issue beside the FMAs; docs/native.md), never elsewhere (on the Intel
+// 512-bit permutes largely overlap the FMAs; docs/native.md), never elsewhere (on the Intel
 // runner they share an FMA port, and the kernel was not measured there).
 std::atomic<int64_t> g_nm_permute_from{-1};
 constexpr int64_t kPermuteFrom = 2;
 std::atomic<int> g_nm_last_permuted{0};  // whether the last N:M product ran it (tests)
 constexpr int64_t kNever = int64_t{1} << 30;
 
-bool permutes_beside_fmas() {
+bool permutes_overlap_fmas() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   return __builtin_cpu_is("amd");
@@ -88,7 +88,7 @@ bool permutes_beside_fmas() {
   return false;
 #endif
 }
-const bool kPermutesBesideFmas = permutes_beside_fmas();
+const bool kPermutesOverlapFmas = permutes_overlap_fmas();
 
 const KernelTable* table_for(int isa) {
   if (isa >= 2 && avx512_kernels()) return avx512_kernels();
@@ -378,7 +378,7 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   const int64_t upto = g_nm_gather_upto.load();
   args.gather_upto = upto >= 0 ? upto : kGatherUpto[std::max(0, std::min(isa, 2))];
   const int64_t pf = g_nm_permute_from.load();
-  args.permute_from = pf >= 0 ? std::max<int64_t>(pf, 1) : kPermutesBesideFmas ? kPermuteFrom : kNever;
+  args.permute_from = pf >= 0 ? std::max<int64_t>(pf, 1) : kPermutesOverlapFmas ? kPermuteFrom : kNever;
   int permuted = 0;
   args.permuted = &permuted;
   const bool grouped_out = (axis == 1) == transpose;

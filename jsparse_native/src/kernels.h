@@ -4,9 +4,9 @@
 #ifndef JSPARSE_NATIVE_KERNELS_H_
 #define JSPARSE_NATIVE_KERNELS_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
