@@ -496,8 +496,8 @@ def test_nm_gather_from_control_rejects_bad_values():
 def test_nm_permute_kernel_tiles_chunks_and_tails(nm):
     """The permute kernel (``W.T @ X`` along axis 0; m dividing 16, else the expanded
     tiles): 16 output rows per tile and a tail of 5 left to the expanded tiles, a last
-    chunk of groups that fills neither of its two vectors of X's rows, whole and partial
-    blocks of 4 columns, and a second block of columns past 256."""
+    chunk of one group (part of the first of its two vectors of X's rows), whole and
+    partial blocks of 4 columns, and a second block of columns past 256."""
     n, m = nm
     groups = 2 * (16 // m if 16 % m == 0 else 4) + 1
     a, w = _nm(np.random.default_rng(9), n, m, 0, groups, 37, jnp.float32)
