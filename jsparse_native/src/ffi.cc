@@ -57,10 +57,11 @@ std::atomic<int> g_isa{isa_from_env()};
 std::atomic<int> g_max_threads{0};   // 0: every thread of XLA's pool
 std::atomic<int> g_last_threads{0};  // threads the last call used (for tests)
 std::atomic<int> g_bcsr_strips{1};   // BCSR strip kernel (bcsr_strips.inc); 0: general only
+constexpr int64_t kNever = int64_t{1} << 30;  // a width of X no call reaches
 // N:M products contracting the groups: the stored-entries gather kernel from this
 // width of X on (forced: tests, benchmarks; by default only when X holds a NaN or an
 // infinity, as the expanded tiles win for wide X).
-std::atomic<int64_t> g_nm_gather_from{int64_t{1} << 30};
+std::atomic<int64_t> g_nm_gather_from{kNever};
 // The narrow-X kernels (row-dot, column-axpy, dot, gather: docs/native.md) from 2
 // columns up to this width (one column runs the matrix-vector loops; each kernel takes
 // the widths where it was measured fastest, kernels.inc nm_case). -1: the measured
@@ -78,7 +79,6 @@ constexpr int64_t kGatherUpto[3] = {64, 64, 64};  // generic, avx2, avx512
 std::atomic<int64_t> g_nm_permute_from{-1};
 constexpr int64_t kPermuteFrom = 2;
 std::atomic<int> g_nm_last_permuted{0};  // whether the last N:M product ran it (tests)
-constexpr int64_t kNever = int64_t{1} << 30;
 
 bool permutes_overlap_fmas() {
 #if defined(__x86_64__) || defined(_M_X64)
