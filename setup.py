@@ -84,6 +84,7 @@ _native = Extension(
             "kernels.inc",
             "bcsr_strips.inc",
             "nm_dot.inc",
+            "nm_rowgather.inc",
             "nm_expand_avx2.inc",
             "nm_sddmm.inc",
             "nm_sddmm_ffi.inc",

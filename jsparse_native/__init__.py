@@ -35,7 +35,9 @@ __all__ = [
     "set_nm_gather_from",
     "set_nm_gather_upto",
     "set_nm_permute_from",
+    "set_nm_rowgather_from",
     "nm_last_permuted",
+    "nm_last_rowgathered",
     "set_nm_sddmm_blocking",
     "supported_isas",
 ]
@@ -80,6 +82,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
                  "jsparse_native_max_threads", "jsparse_native_last_threads",
                  "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto",
                  "jsparse_native_nm_permute_from", "jsparse_native_nm_last_permuted",
+                 "jsparse_native_nm_rowgather_from", "jsparse_native_nm_last_rowgathered",
                  "jsparse_native_nm_sddmm_kc", "jsparse_native_nm_sddmm_gblock"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
     lib.jsparse_native_bcsr_strips.restype = ctypes.c_int
@@ -288,6 +291,41 @@ def set_nm_permute_from(n: int | None) -> int | None:
     previous = lib.jsparse_native_nm_permute_from()
     lib.jsparse_native_set_nm_permute_from(-1 if n is None else n)
     return None if previous < 0 else previous
+
+
+def set_nm_rowgather_from(n: int | None) -> int | None:
+    """Width of ``X`` from which ``W @ X`` for an N:M ``W`` grouped along axis 1 runs the
+    row-gather kernel: stored entries only, row by row against a chunk of ``X``'s rows
+    held in L1 (docs/native.md), for 1:2, 1:4, 2:4, 1:8 and 2:8. ``None``: the measured
+    default (5 columns up to four vectors, 64 columns on AVX-512 and 32 on AVX2; not on
+    the portable path). A number forces it from that width at every width and on every
+    instruction set (within :func:`set_nm_gather_upto`). Returns the previous setting.
+    For tests and benchmarks.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_nm_rowgather_from(2)
+      ...     _ = jsparse_native.set_nm_rowgather_from(old)
+    """
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be None or an int >= 1, got {n!r}")
+    lib = _lib()
+    previous = lib.jsparse_native_nm_rowgather_from()
+    lib.jsparse_native_set_nm_rowgather_from(-1 if n is None else n)
+    return None if previous < 0 else previous
+
+
+def nm_last_rowgathered() -> bool:
+    """Whether the last N:M product ran the row-gather kernel
+    (:func:`set_nm_rowgather_from`) on some of its rows. For tests.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     assert jsparse_native.nm_last_rowgathered() in (True, False)
+    """
+    return bool(_lib().jsparse_native_nm_last_rowgathered())
 
 
 def nm_last_permuted() -> bool:

@@ -345,20 +345,25 @@ def _nm_path(path):
     gather kernels, each up to its measured width, expanded tiles above),
     "gather" (stored entries at every width, contraction along the groups), "permute"
     (``W.T @ X`` along axis 0 from 2 columns: the AVX-512 permute kernel, whatever the
-    CPU's vendor) or "dense" (expanded tiles at every width > 1)."""
+    CPU's vendor), "rowgather" (``W @ X`` along axis 1 from 2 columns at every width and
+    instruction set: the row-gather kernel where the n:m fits it) or "dense" (expanded
+    tiles at every width > 1)."""
     old_from = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
-    old_upto = jsparse_native.set_nm_gather_upto(0 if path == "dense" else None)
+    old_upto = jsparse_native.set_nm_gather_upto({"dense": 0, "rowgather": 10**6}.get(path))
     permute = {"permute": 2, "auto": None}.get(path, 10**6)
     old_permute = jsparse_native.set_nm_permute_from(permute)
+    rowgather = {"rowgather": 2, "auto": None}.get(path, 10**6)
+    old_rowgather = jsparse_native.set_nm_rowgather_from(rowgather)
     try:
         yield
     finally:
         jsparse_native.set_nm_gather_from(old_from)
         jsparse_native.set_nm_gather_upto(old_upto)
         jsparse_native.set_nm_permute_from(old_permute)
+        jsparse_native.set_nm_rowgather_from(old_rowgather)
 
 
-_PATHS = ("auto", "gather", "permute", "dense")
+_PATHS = ("auto", "gather", "permute", "rowgather", "dense")
 
 
 def _nm_check_all_isas(a, w, widths, dtype, paths=_PATHS, nan=False):
@@ -486,6 +491,8 @@ def test_nm_gather_from_control_rejects_bad_values():
         jsparse_native.set_nm_gather_upto(-1)
     with pytest.raises(ValueError, match="n must be None or an int >= 1"):
         jsparse_native.set_nm_permute_from(0)
+    with pytest.raises(ValueError, match="n must be None or an int >= 1"):
+        jsparse_native.set_nm_rowgather_from(0)
 
 
 @pytest.mark.parametrize(
@@ -510,6 +517,41 @@ def test_nm_permute_kernel_tiles_chunks_and_tails(nm):
         with _nm_path(path), jsparse_native.forced_isa("avx512"):
             jax.block_until_ready(f(a.positions, x))
             assert jsparse_native.nm_last_permuted() == runs, path
+
+
+@pytest.mark.parametrize(
+    "nm",
+    [(1, 2), (1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (1, 3)],
+    ids=lambda nm: f"{nm[0]}of{nm[1]}",
+)
+def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
+    """The row-gather kernel (``W @ X`` along axis 1; 1:2, 1:4, 2:4, 1:8, 2:8, else the
+    other kernels): 150 rows (two blocks of 64 and a tail per thread), two chunks of
+    groups and a last one that is not whole words of positions, X's rows read in place
+    (16 and 64 columns) or copied and zero-padded (2, 7, 33), and two column passes
+    (100). A corrupted position in the scalar tail raises."""
+    n, m = nm
+    fits = nm in ((1, 2), (1, 4), (2, 4), (1, 8), (2, 8))
+    # 16 KiB chunks of X's rows at 16 columns: 64 groups of 4 rows, 32 of 8, 128 of 2.
+    groups = 2 * (256 // m) + 3
+    a, w = _nm(np.random.default_rng(10), n, m, 1, groups, 150, jnp.float32)
+    _nm_check_all_isas(a, w, (2, 7, 16, 33, 64, 100), jnp.float32, paths=("rowgather",))
+    ab, wb = _nm(np.random.default_rng(11), n, m, 1, groups, 150, jnp.bfloat16)
+    _nm_check_all_isas(ab, wb, (16, 33), jnp.bfloat16, paths=("rowgather",))
+    f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
+    x = jnp.ones((w.shape[1], 16))
+    for isa in ISAS:
+        for path, runs in (("rowgather", fits), ("dense", False)):
+            with _nm_path(path), jsparse_native.forced_isa(isa):
+                jax.block_until_ready(f(a.positions, x))
+                assert jsparse_native.nm_last_rowgathered() == runs, (isa, path)
+        if fits and nm != (1, 4):  # (every 2-bit field is a valid 1:4 position)
+            # The last byte of row 0: its first two fields (3, 1) decrease within 2:4's
+            # last group; a field >= m for the others.
+            bad = a.positions.at[0, -1].set(jnp.uint8(0b00_00_01_11 if m == 4 else 0xFF))
+            with _nm_path("rowgather"), jsparse_native.forced_isa(isa):
+                with pytest.raises(Exception, match="corrupted N:M positions"):
+                    jax.block_until_ready(f(bad, x))
 
 
 # Narrow X (2 .. 64 columns): the row-dot (AVX-512, whole 16-lane vectors of a row, 2..4

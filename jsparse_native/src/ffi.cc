@@ -78,7 +78,14 @@ constexpr int64_t kGatherUpto[3] = {64, 64, 64};  // generic, avx2, avx512
 // runner they share an FMA port, and the kernel was not measured there).
 std::atomic<int64_t> g_nm_permute_from{-1};
 constexpr int64_t kPermuteFrom = 2;
-std::atomic<int> g_nm_last_permuted{0};  // whether the last N:M product ran it (tests)
+// W @ X along axis 1 (the contraction along the groups): the row-gather kernel from this
+// width of X (forced, any instruction set and width; tests, benchmarks). -1: the
+// measured default, from kRowGatherFrom up to kRowGatherUpto columns (four vectors)
+// with AVX2 or AVX-512, never on the portable path (not measured there).
+std::atomic<int64_t> g_nm_rowgather_from{-1};
+constexpr int64_t kRowGatherFrom = 5;
+constexpr int64_t kRowGatherUpto[3] = {0, 32, 64};  // generic, avx2, avx512
+std::atomic<int> g_nm_last_ran{0};  // kRan* bits of the last N:M product (tests)
 
 bool permutes_overlap_fmas() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -379,8 +386,11 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   args.gather_upto = upto >= 0 ? upto : kGatherUpto[std::max(0, std::min(isa, 2))];
   const int64_t pf = g_nm_permute_from.load();
   args.permute_from = pf >= 0 ? std::max<int64_t>(pf, 1) : kPermutesOverlapFmas ? kPermuteFrom : kNever;
-  int permuted = 0;
-  args.permuted = &permuted;
+  const int64_t rg = g_nm_rowgather_from.load();
+  args.rowgather_from = rg >= 0 ? std::max<int64_t>(rg, 1) : kRowGatherFrom;
+  args.rowgather_upto = rg >= 0 ? kNever : kRowGatherUpto[std::max(0, std::min(isa, 2))];
+  int ran = 0;
+  args.ran = &ran;
   const bool grouped_out = (axis == 1) == transpose;
   const int64_t panel = nm_panel_rows(m, grouped_out);
   const int64_t items = (out_rows + panel - 1) / panel;
@@ -389,7 +399,7 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   parallel_for(pool, parts, [&](int64_t c) {
     k->nm(args, items * c / parts, items * (c + 1) / parts);
   });
-  g_nm_last_permuted.store(__atomic_load_n(&permuted, __ATOMIC_RELAXED));
+  g_nm_last_ran.store(__atomic_load_n(&ran, __ATOMIC_RELAXED));
   if (__atomic_load_n(&bad_flag, __ATOMIC_RELAXED))
     return bad("corrupted N:M positions: a position >= m = " + std::to_string(m) +
                " or positions not strictly increasing within a group");
@@ -462,7 +472,15 @@ int jsparse_native_nm_gather_upto() { return static_cast<int>(jsparse_native::g_
 // ... W.T @ X along axis 0: the permute kernel from this width (-1: the default per CPU).
 void jsparse_native_set_nm_permute_from(int n) { jsparse_native::g_nm_permute_from.store(std::max(-1, n)); }
 int jsparse_native_nm_permute_from() { return static_cast<int>(jsparse_native::g_nm_permute_from.load()); }
-int jsparse_native_nm_last_permuted() { return jsparse_native::g_nm_last_permuted.load(); }
+int jsparse_native_nm_last_permuted() {
+  return (jsparse_native::g_nm_last_ran.load() & jsparse_native::kRanPermute) != 0;
+}
+// ... W @ X along axis 1: the row-gather kernel from this width (-1: the default).
+void jsparse_native_set_nm_rowgather_from(int n) { jsparse_native::g_nm_rowgather_from.store(std::max(-1, n)); }
+int jsparse_native_nm_rowgather_from() { return static_cast<int>(jsparse_native::g_nm_rowgather_from.load()); }
+int jsparse_native_nm_last_rowgathered() {
+  return (jsparse_native::g_nm_last_ran.load() & jsparse_native::kRanRowGather) != 0;
+}
 }
 #pragma GCC visibility pop
 

@@ -83,8 +83,11 @@ struct NmArgs {
   int* bad;
   // W.T @ X along axis 0 from this width on: the permute kernel (AVX-512; kernels.inc).
   int64_t permute_from;
-  int* permuted;  // set when a range ran the permute kernel (tests)
+  // W @ X along axis 1 over these widths: the row-gather kernel (nm_rowgather.inc).
+  int64_t rowgather_from, rowgather_upto;
+  int* ran;  // kRan* bits: the kernels some range ran (tests)
 };
+constexpr int kRanPermute = 1, kRanRowGather = 2;
 
 // Output rows per work item (the unit of the thread split) of an N:M product: 16, or
 // the smallest multiple of mm >= 64 when the output rows run along the groups (a
