@@ -252,8 +252,8 @@ def set_nm_gather_from(n: int) -> int:
 
 def set_nm_gather_upto(n: int | None) -> int | None:
     """Width of ``X`` up to which (from 2 columns) an N:M product runs the narrow-``X``
-    kernels (the row-dot, column-axpy, dot, outer-product and stored-entries gather
-    kernels, each over the widths where it was measured fastest; docs/native.md) instead
+    kernels (the row-dot, column-axpy, row-gather, dot, outer-product and stored-entries
+    gather kernels, each over the widths where it was measured fastest; docs/native.md) instead
     of expanded tiles; ``0``: never, ``None``: the measured default of the instruction
     set. Returns the previous setting. For tests and benchmarks.
 

@@ -62,8 +62,8 @@ constexpr int64_t kNever = int64_t{1} << 30;  // a width of X no call reaches
 // width of X on (forced: tests, benchmarks; by default only when X holds a NaN or an
 // infinity, as the expanded tiles win for wide X).
 std::atomic<int64_t> g_nm_gather_from{kNever};
-// The narrow-X kernels (row-dot, column-axpy, dot, gather: docs/native.md) from 2
-// columns up to this width (one column runs the matrix-vector loops; each kernel takes
+// The narrow-X kernels (row-dot, column-axpy, row-gather, dot, gather: docs/native.md)
+// from 2 columns up to this width (one column runs the matrix-vector loops; each kernel takes
 // the widths where it was measured fastest, kernels.inc nm_case). -1: the measured
 // default per instruction set (kGatherUpto).
 std::atomic<int64_t> g_nm_gather_upto{-1};

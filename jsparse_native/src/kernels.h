@@ -75,8 +75,8 @@ struct NmArgs {
   const uint32_t* mask_lut;
   int64_t lut_lanes;
   const uint32_t* dec_lut;
-  // Widths 2 .. gather_upto: the narrow-X kernels (row-dot, column-axpy, dot, gather);
-  // from gather_from on: the gather kernel (forced); else expanded tiles.
+  // Widths 2 .. gather_upto: the narrow-X kernels (row-dot, column-axpy, row-gather,
+  // dot, gather); from gather_from on: the gather kernel (forced); else expanded tiles.
   int64_t gather_from;
   int64_t gather_upto;
   bool finite_x;        // X holds no NaN or infinity (else: stored entries only)
