@@ -42,6 +42,9 @@ __all__ = [
     "supported_isas",
 ]
 
+# Bits of jsparse_native_nm_last_ran: the kernels the last N:M product ran (kernels.h).
+_RAN_PERMUTE, _RAN_ROWGATHER = 1, 2
+
 # Instruction sets, slowest first; an index into this tuple is the C library's code.
 ISAS = ("generic", "avx2", "avx512")
 
@@ -81,8 +84,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for name in ("jsparse_native_isa", "jsparse_native_best_isa", "jsparse_native_set_isa",
                  "jsparse_native_max_threads", "jsparse_native_last_threads",
                  "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto",
-                 "jsparse_native_nm_permute_from", "jsparse_native_nm_last_permuted",
-                 "jsparse_native_nm_rowgather_from", "jsparse_native_nm_last_rowgathered",
+                 "jsparse_native_nm_permute_from", "jsparse_native_nm_rowgather_from",
+                 "jsparse_native_nm_last_ran",
                  "jsparse_native_nm_sddmm_kc", "jsparse_native_nm_sddmm_gblock"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
     lib.jsparse_native_bcsr_strips.restype = ctypes.c_int
@@ -250,6 +253,18 @@ def set_nm_gather_from(n: int) -> int:
     return previous
 
 
+def _swap_optional_width(name: str, n: int | None, least: int) -> int | None:
+    """Set the C library's ``jsparse_native_set_<name>`` to ``n`` (``None``: -1, the
+    measured default) after checking it; returns the previous setting (``None`` for
+    the default)."""
+    if n is not None and (not isinstance(n, int) or n < least):
+        raise ValueError(f"n must be None or an int >= {least}, got {n!r}")
+    lib = _lib()
+    previous = getattr(lib, f"jsparse_native_{name}")()
+    getattr(lib, f"jsparse_native_set_{name}")(-1 if n is None else n)
+    return None if previous < 0 else previous
+
+
 def set_nm_gather_upto(n: int | None) -> int | None:
     """Width of ``X`` up to which (from 2 columns) an N:M product runs the narrow-``X``
     kernels (the row-dot, column-axpy, row-gather, dot, outer-product and stored-entries
@@ -263,12 +278,7 @@ def set_nm_gather_upto(n: int | None) -> int | None:
       ...     old = jsparse_native.set_nm_gather_upto(0)
       ...     _ = jsparse_native.set_nm_gather_upto(old)
     """
-    if n is not None and (not isinstance(n, int) or n < 0):
-        raise ValueError(f"n must be None or an int >= 0, got {n!r}")
-    lib = _lib()
-    previous = lib.jsparse_native_nm_gather_upto()
-    lib.jsparse_native_set_nm_gather_upto(-1 if n is None else n)
-    return None if previous < 0 else previous
+    return _swap_optional_width("nm_gather_upto", n, 0)
 
 
 def set_nm_permute_from(n: int | None) -> int | None:
@@ -285,12 +295,7 @@ def set_nm_permute_from(n: int | None) -> int | None:
       ...     old = jsparse_native.set_nm_permute_from(2)
       ...     _ = jsparse_native.set_nm_permute_from(old)
     """
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be None or an int >= 1, got {n!r}")
-    lib = _lib()
-    previous = lib.jsparse_native_nm_permute_from()
-    lib.jsparse_native_set_nm_permute_from(-1 if n is None else n)
-    return None if previous < 0 else previous
+    return _swap_optional_width("nm_permute_from", n, 1)
 
 
 def set_nm_rowgather_from(n: int | None) -> int | None:
@@ -308,12 +313,7 @@ def set_nm_rowgather_from(n: int | None) -> int | None:
       ...     old = jsparse_native.set_nm_rowgather_from(2)
       ...     _ = jsparse_native.set_nm_rowgather_from(old)
     """
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be None or an int >= 1, got {n!r}")
-    lib = _lib()
-    previous = lib.jsparse_native_nm_rowgather_from()
-    lib.jsparse_native_set_nm_rowgather_from(-1 if n is None else n)
-    return None if previous < 0 else previous
+    return _swap_optional_width("nm_rowgather_from", n, 1)
 
 
 def nm_last_rowgathered() -> bool:
@@ -325,7 +325,7 @@ def nm_last_rowgathered() -> bool:
       >>> if jsparse_native.available():
       ...     assert jsparse_native.nm_last_rowgathered() in (True, False)
     """
-    return bool(_lib().jsparse_native_nm_last_rowgathered())
+    return bool(_lib().jsparse_native_nm_last_ran() & _RAN_ROWGATHER)
 
 
 def nm_last_permuted() -> bool:
@@ -337,7 +337,7 @@ def nm_last_permuted() -> bool:
       >>> jsparse_native.nm_last_permuted() in (True, False) if jsparse_native.available() else True
       True
     """
-    return bool(_lib().jsparse_native_nm_last_permuted())
+    return bool(_lib().jsparse_native_nm_last_ran() & _RAN_PERMUTE)
 
 
 def set_bcsr_strips(on: bool) -> bool:

@@ -472,15 +472,11 @@ int jsparse_native_nm_gather_upto() { return static_cast<int>(jsparse_native::g_
 // ... W.T @ X along axis 0: the permute kernel from this width (-1: the default per CPU).
 void jsparse_native_set_nm_permute_from(int n) { jsparse_native::g_nm_permute_from.store(std::max(-1, n)); }
 int jsparse_native_nm_permute_from() { return static_cast<int>(jsparse_native::g_nm_permute_from.load()); }
-int jsparse_native_nm_last_permuted() {
-  return (jsparse_native::g_nm_last_ran.load() & jsparse_native::kRanPermute) != 0;
-}
 // ... W @ X along axis 1: the row-gather kernel from this width (-1: the default).
 void jsparse_native_set_nm_rowgather_from(int n) { jsparse_native::g_nm_rowgather_from.store(std::max(-1, n)); }
 int jsparse_native_nm_rowgather_from() { return static_cast<int>(jsparse_native::g_nm_rowgather_from.load()); }
-int jsparse_native_nm_last_rowgathered() {
-  return (jsparse_native::g_nm_last_ran.load() & jsparse_native::kRanRowGather) != 0;
-}
+// The kRan* bits (kernels.h) of the kernels the last N:M product ran (tests).
+int jsparse_native_nm_last_ran() { return jsparse_native::g_nm_last_ran.load(); }
 }
 #pragma GCC visibility pop
 
