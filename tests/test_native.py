@@ -528,16 +528,17 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
     """The row-gather kernel (``W @ X`` along axis 1; 1:2, 1:4, 2:4, 1:8, 2:8, else the
     other kernels): 150 rows (two blocks of 64 and a tail per thread), two chunks of
     groups and a last one that is not whole words of positions, X's rows read in place
-    (16 and 64 columns) or copied and zero-padded (2, 7, 33), and two column passes
-    (100). A corrupted position in the scalar tail raises."""
+    (8 and 16 columns, AVX-512's 8- and 16-float vectors; 64) or copied and zero-padded
+    once (2, 7, 33), and two column passes (100). A corrupted position in the scalar
+    tail raises."""
     n, m = nm
     fits = nm in ((1, 2), (1, 4), (2, 4), (1, 8), (2, 8))
     # 16 KiB chunks of X's rows at 16 columns: 64 groups of 4 rows, 32 of 8, 128 of 2.
     groups = 2 * (256 // m) + 3
     a, w = _nm(np.random.default_rng(10), n, m, 1, groups, 150, jnp.float32)
-    _nm_check_all_isas(a, w, (2, 7, 16, 33, 64, 100), jnp.float32, paths=("rowgather",))
+    _nm_check_all_isas(a, w, (2, 7, 8, 16, 33, 64, 100), jnp.float32, paths=("rowgather",))
     ab, wb = _nm(np.random.default_rng(11), n, m, 1, groups, 150, jnp.bfloat16)
-    _nm_check_all_isas(ab, wb, (16, 33), jnp.bfloat16, paths=("rowgather",))
+    _nm_check_all_isas(ab, wb, (7, 16, 33), jnp.bfloat16, paths=("rowgather",))
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
     x = jnp.ones((w.shape[1], 16))
     for isa in ISAS:
