@@ -529,8 +529,8 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
     other kernels): 150 rows (two blocks of 64 and a tail per thread), two chunks of
     groups and a last one that is not whole words of positions, X's rows read in place
     (8 and 16 columns, AVX-512's 8- and 16-float vectors; 64) or copied and zero-padded
-    once (2, 7, 33), and two column passes (100). A corrupted position in the scalar
-    tail raises."""
+    once (2, 7, 33), and two column passes (100). A corrupted position in a whole word
+    of positions or in the scalar tail raises."""
     n, m = nm
     fits = nm in ((1, 2), (1, 4), (2, 4), (1, 8), (2, 8))
     # 16 KiB chunks of X's rows at 16 columns: 64 groups of 4 rows, 32 of 8, 128 of 2.
@@ -547,12 +547,15 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
                 jax.block_until_ready(f(a.positions, x))
                 assert jsparse_native.nm_last_rowgathered() == runs, (isa, path)
         if fits and nm != (1, 4):  # (every 2-bit field is a valid 1:4 position)
-            # The last byte of row 0: its first two fields (3, 1) decrease within 2:4's
-            # last group; a field >= m for the others.
-            bad = a.positions.at[0, -1].set(jnp.uint8(0b00_00_01_11 if m == 4 else 0xFF))
-            with _nm_path("rowgather"), jsparse_native.forced_isa(isa):
-                with pytest.raises(Exception, match="corrupted N:M positions"):
-                    jax.block_until_ready(f(bad, x))
+            # The first byte of row 0 (a whole word of positions, checked at once) or its
+            # last (the scalar tail): its first two fields (3, 1) decrease within a 2:4
+            # group; a field >= m for the others.
+            for byte in (0, -1):
+                corrupt = jnp.uint8(0b00_00_01_11 if m == 4 else 0xFF)
+                bad = a.positions.at[0, byte].set(corrupt)
+                with _nm_path("rowgather"), jsparse_native.forced_isa(isa):
+                    with pytest.raises(Exception, match="corrupted N:M positions"):
+                        jax.block_until_ready(f(bad, x))
 
 
 # Narrow X (2 .. 64 columns): the row-dot (AVX-512, whole 16-lane vectors of a row, 2..4
