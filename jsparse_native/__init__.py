@@ -267,10 +267,11 @@ def _swap_optional_width(name: str, n: int | None, least: int) -> int | None:
 
 def set_nm_gather_upto(n: int | None) -> int | None:
     """Width of ``X`` up to which (from 2 columns) an N:M product runs the narrow-``X``
-    kernels (the row-dot, column-axpy, row-gather, dot, outer-product and stored-entries
-    gather kernels, each over the widths where it was measured fastest; docs/native.md) instead
+    kernels (the row-dot, column-axpy, dot, outer-product and stored-entries gather
+    kernels, each over the widths where it was measured fastest; docs/native.md) instead
     of expanded tiles; ``0``: never, ``None``: the measured default of the instruction
-    set. Returns the previous setting. For tests and benchmarks.
+    set. The row-gather kernel has its own control, :func:`set_nm_rowgather_from`.
+    Returns the previous setting. For tests and benchmarks.
 
     Example:
       >>> import jsparse_native
@@ -301,11 +302,11 @@ def set_nm_permute_from(n: int | None) -> int | None:
 def set_nm_rowgather_from(n: int | None) -> int | None:
     """Width of ``X`` from which ``W @ X`` for an N:M ``W`` grouped along axis 1 runs the
     row-gather kernel: stored entries only, row by row against a chunk of ``X``'s rows
-    held in L1 (docs/native.md), for 1:2, 1:4, 2:4, 1:8 and 2:8. ``None``: the measured
-    default (5 columns up to four vectors, 64 columns on AVX-512 and 32 on AVX2; not on
-    the portable path). A number forces it from that width at every width and on every
-    instruction set (within :func:`set_nm_gather_upto`). Returns the previous setting.
-    For tests and benchmarks.
+    held in L1 (docs/native.md), for 1:2, 1:4, 2:4, 1:8 and 2:8; past four vectors of
+    columns (64 on AVX-512, 32 on AVX2) in passes of four vectors and one over the rest.
+    ``None``: the measured default (from 5 columns with AVX2 or AVX-512; not on the
+    portable path). A number forces it from that width on every instruction set.
+    Returns the previous setting. For tests and benchmarks.
 
     Example:
       >>> import jsparse_native

@@ -342,7 +342,8 @@ def _nm_case(rng, n, m, axis, dtype, grouped=None, other=37):
 def _nm_path(path):
     """Force a kernel path of the N:M products: "auto" (the handler's choice by width:
     up to 64 columns the row-dot / column-axpy (AVX-512, along the groups), dot and
-    gather kernels, each up to its measured width, expanded tiles above),
+    gather kernels, each up to its measured width, expanded tiles above; the row-gather
+    for ``W @ X`` along axis 1 from 5 columns at every width with AVX2 or AVX-512),
     "gather" (stored entries at every width, contraction along the groups), "permute"
     (``W.T @ X`` along axis 0 from 2 columns: the AVX-512 permute kernel, whatever the
     CPU's vendor), "rowgather" (``W @ X`` along axis 1 from 2 columns at every width and
@@ -529,23 +530,32 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
     other kernels): 150 rows (two blocks of 64 and a tail per thread), two chunks of
     groups and a last one that is not whole words of positions, X's rows read in place
     (8 and 16 columns, AVX-512's 8- and 16-float vectors; 64) or copied and zero-padded
-    once (2, 7, 33), and two column passes (100). A corrupted position in a whole word
-    of positions or in the scalar tail raises."""
+    once (2, 7, 33), and passes of four vectors and one over the rest of the columns
+    (70: passes of 64 and 6 columns on AVX-512, of 32, 32 and 6 on AVX2; 100: 64 and 36,
+    three of 32 and 4). By default it
+    runs at every width from 5 with AVX2 or AVX-512 (not on the portable path). A
+    corrupted position in a whole word of positions or in the scalar tail raises."""
     n, m = nm
     fits = nm in ((1, 2), (1, 4), (2, 4), (1, 8), (2, 8))
     # 16 KiB chunks of X's rows at 16 columns: 64 groups of 4 rows, 32 of 8, 128 of 2.
     groups = 2 * (256 // m) + 3
     a, w = _nm(np.random.default_rng(10), n, m, 1, groups, 150, jnp.float32)
-    _nm_check_all_isas(a, w, (2, 7, 8, 16, 33, 64, 100), jnp.float32, paths=("rowgather",))
+    _nm_check_all_isas(a, w, (2, 7, 8, 16, 33, 64, 70, 100), jnp.float32, paths=("rowgather",))
     ab, wb = _nm(np.random.default_rng(11), n, m, 1, groups, 150, jnp.bfloat16)
-    _nm_check_all_isas(ab, wb, (7, 16, 33), jnp.bfloat16, paths=("rowgather",))
+    _nm_check_all_isas(ab, wb, (7, 16, 33, 70), jnp.bfloat16, paths=("rowgather",))
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
     x = jnp.ones((w.shape[1], 16))
     for isa in ISAS:
-        for path, runs in (("rowgather", fits), ("dense", False)):
+        for path, width, runs in (
+            ("rowgather", 16, fits),
+            ("dense", 16, False),
+            ("auto", 4, False),
+            ("auto", 5, fits and isa != "generic"),
+            ("auto", 100, fits and isa != "generic"),
+        ):
             with _nm_path(path), jsparse_native.forced_isa(isa):
-                jax.block_until_ready(f(a.positions, x))
-                assert jsparse_native.nm_last_rowgathered() == runs, (isa, path)
+                jax.block_until_ready(f(a.positions, jnp.ones((w.shape[1], width))))
+                assert jsparse_native.nm_last_rowgathered() == runs, (isa, path, width)
         if fits and nm != (1, 4):  # (every 2-bit field is a valid 1:4 position)
             # The first byte of row 0 (a whole word of positions, checked at once) or its
             # last (the scalar tail): its first two fields (3, 1) decrease within a 2:4

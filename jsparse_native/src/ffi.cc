@@ -80,11 +80,10 @@ std::atomic<int64_t> g_nm_permute_from{-1};
 constexpr int64_t kPermuteFrom = 2;
 // W @ X along axis 1 (the contraction along the groups): the row-gather kernel from this
 // width of X (forced, any instruction set and width; tests, benchmarks). -1: the
-// measured default, from kRowGatherFrom up to kRowGatherUpto columns (four vectors)
-// with AVX2 or AVX-512, never on the portable path (not measured there).
+// measured default, from kRowGatherFrom columns at every width (past four vectors in
+// passes of four) with AVX2 or AVX-512, never on the portable path (not measured there).
 std::atomic<int64_t> g_nm_rowgather_from{-1};
 constexpr int64_t kRowGatherFrom = 5;
-constexpr int64_t kRowGatherUpto[3] = {0, 32, 64};  // generic, avx2, avx512
 std::atomic<int> g_nm_last_ran{0};  // kRan* bits of the last N:M product (tests)
 
 bool permutes_overlap_fmas() {
@@ -387,8 +386,9 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   const int64_t pf = g_nm_permute_from.load();
   args.permute_from = pf >= 0 ? std::max<int64_t>(pf, 1) : kPermutesOverlapFmas ? kPermuteFrom : kNever;
   const int64_t rg = g_nm_rowgather_from.load();
-  args.rowgather_from = rg >= 0 ? std::max<int64_t>(rg, 1) : kRowGatherFrom;
-  args.rowgather_upto = rg >= 0 ? kNever : kRowGatherUpto[std::max(0, std::min(isa, 2))];
+  args.rowgather_from = rg >= 0                  ? std::max<int64_t>(rg, 1)
+                        : k != generic_kernels() ? kRowGatherFrom
+                                                 : kNever;
   int ran = 0;
   args.ran = &ran;
   const bool grouped_out = (axis == 1) == transpose;

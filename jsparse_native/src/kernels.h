@@ -83,8 +83,8 @@ struct NmArgs {
   int* bad;
   // W.T @ X along axis 0 from this width on: the permute kernel (AVX-512; kernels.inc).
   int64_t permute_from;
-  // W @ X along axis 1 over these widths: the row-gather kernel (nm_rowgather.inc).
-  int64_t rowgather_from, rowgather_upto;
+  // W @ X along axis 1 from this width on: the row-gather kernel (nm_rowgather.inc).
+  int64_t rowgather_from;
   int* ran;  // kRan* bits: the kernels some range ran (tests)
 };
 constexpr int kRanPermute = 1, kRanRowGather = 2;
