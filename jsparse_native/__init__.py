@@ -36,14 +36,16 @@ __all__ = [
     "set_nm_gather_upto",
     "set_nm_permute_from",
     "set_nm_rowgather_from",
+    "set_nm_bucket_from",
     "nm_last_permuted",
     "nm_last_rowgathered",
+    "nm_last_bucketed",
     "set_nm_sddmm_blocking",
     "supported_isas",
 ]
 
 # Bits of jsparse_native_nm_last_ran: the kernels the last N:M product ran (kernels.h).
-_RAN_PERMUTE, _RAN_ROWGATHER = 1, 2
+_RAN_PERMUTE, _RAN_ROWGATHER, _RAN_BUCKET = 1, 2, 4
 
 # Instruction sets, slowest first; an index into this tuple is the C library's code.
 ISAS = ("generic", "avx2", "avx512")
@@ -85,6 +87,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
                  "jsparse_native_max_threads", "jsparse_native_last_threads",
                  "jsparse_native_nm_gather_from", "jsparse_native_nm_gather_upto",
                  "jsparse_native_nm_permute_from", "jsparse_native_nm_rowgather_from",
+                 "jsparse_native_nm_bucket_from",
                  "jsparse_native_nm_last_ran",
                  "jsparse_native_nm_sddmm_kc", "jsparse_native_nm_sddmm_gblock"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
@@ -315,6 +318,34 @@ def set_nm_rowgather_from(n: int | None) -> int | None:
       ...     _ = jsparse_native.set_nm_rowgather_from(old)
     """
     return _swap_optional_width("nm_rowgather_from", n, 1)
+
+
+def set_nm_bucket_from(n: int | None) -> int | None:
+    """Width of ``X`` from which ``W @ X`` for a 2:4 ``W`` grouped along axis 0 runs the
+    pattern-bucket kernel (AVX-512 only): stored entries only, each group's columns sorted
+    by their pair of stored rows so that each pair's loop keeps its two output rows in
+    registers (docs/native.md). ``None``: the measured default. Returns the previous
+    setting. For tests and benchmarks.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_nm_bucket_from(2)
+      ...     _ = jsparse_native.set_nm_bucket_from(old)
+    """
+    return _swap_optional_width("nm_bucket_from", n, 1)
+
+
+def nm_last_bucketed() -> bool:
+    """Whether the last N:M product ran the pattern-bucket kernel
+    (:func:`set_nm_bucket_from`) on some of its rows. For tests.
+
+    Example:
+      >>> import jsparse_native
+      >>> jsparse_native.nm_last_bucketed() in (True, False) if jsparse_native.available() else True
+      True
+    """
+    return bool(_lib().jsparse_native_nm_last_ran() & _RAN_BUCKET)
 
 
 def nm_last_rowgathered() -> bool:

@@ -347,14 +347,16 @@ def _nm_path(path):
     "gather" (stored entries at every width, contraction along the groups), "permute"
     (``W.T @ X`` along axis 0 from 2 columns: the AVX-512 permute kernel, whatever the
     CPU's vendor), "rowgather" (``W @ X`` along axis 1 from 2 columns at every width and
-    instruction set: the row-gather kernel where the n:m fits it) or "dense" (expanded
-    tiles at every width > 1)."""
+    instruction set: the row-gather kernel where the n:m fits it), "bucket" (``W @ X``
+    along axis 0 from 2 columns: the AVX-512 pattern-bucket kernel for 2:4) or "dense"
+    (expanded tiles at every width > 1)."""
     old_from = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
     old_upto = jsparse_native.set_nm_gather_upto({"dense": 0, "rowgather": 10**6}.get(path))
     permute = {"permute": 2, "auto": None}.get(path, 10**6)
     old_permute = jsparse_native.set_nm_permute_from(permute)
     rowgather = {"rowgather": 2, "auto": None}.get(path, 10**6)
     old_rowgather = jsparse_native.set_nm_rowgather_from(rowgather)
+    old_bucket = jsparse_native.set_nm_bucket_from({"bucket": 2, "auto": None}.get(path, 10**6))
     try:
         yield
     finally:
@@ -362,9 +364,10 @@ def _nm_path(path):
         jsparse_native.set_nm_gather_upto(old_upto)
         jsparse_native.set_nm_permute_from(old_permute)
         jsparse_native.set_nm_rowgather_from(old_rowgather)
+        jsparse_native.set_nm_bucket_from(old_bucket)
 
 
-_PATHS = ("auto", "gather", "permute", "rowgather", "dense")
+_PATHS = ("auto", "gather", "permute", "rowgather", "bucket", "dense")
 
 
 def _nm_check_all_isas(a, w, widths, dtype, paths=_PATHS, nan=False):
@@ -494,6 +497,8 @@ def test_nm_gather_from_control_rejects_bad_values():
         jsparse_native.set_nm_permute_from(0)
     with pytest.raises(ValueError, match="n must be None or an int >= 1"):
         jsparse_native.set_nm_rowgather_from(0)
+    with pytest.raises(ValueError, match="n must be None or an int >= 1"):
+        jsparse_native.set_nm_bucket_from(0)
 
 
 @pytest.mark.parametrize(
@@ -566,6 +571,43 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
                 with _nm_path("rowgather"), jsparse_native.forced_isa(isa):
                     with pytest.raises(Exception, match="corrupted N:M positions"):
                         jax.block_until_ready(f(bad, x))
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
+def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
+    """The pattern-bucket kernel (``W @ X`` along axis 0, 2:4, AVX-512; else the other
+    kernels): 37 groups (two blocks of 16 and a tail), 533 columns of ``W`` (two chunks
+    of 256 at one vector of ``X`` and the last not whole 16s; 8 chunks of 64 at four
+    vectors), ``X`` read in place (16, 64) or copied and zero-padded (2, 33), passes of
+    four vectors and one over the rest (70, 100). By default it runs from 17 columns.
+    A corrupted pair of positions in 16 columns sorted at once or in the chunk's last
+    columns raises."""
+    n, m = nm
+    fits = nm == (2, 4) and "avx512" in ISAS
+    a, w = _nm(np.random.default_rng(12), n, m, 0, 37, 533, jnp.float32)
+    _nm_check_all_isas(a, w, (2, 16, 17, 33, 64, 70, 100), jnp.float32, paths=("bucket",))
+    ab, wb = _nm(np.random.default_rng(13), n, m, 0, 37, 533, jnp.bfloat16)
+    _nm_check_all_isas(ab, wb, (16, 33, 70), jnp.bfloat16, paths=("bucket",))
+    f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
+    for path, width, runs in (
+        ("bucket", 16, fits),
+        ("dense", 16, False),
+        ("auto", 16, False),
+        ("auto", 17, fits),
+        ("auto", 100, fits),
+    ):
+        with _nm_path(path):
+            jax.block_until_ready(f(a.positions, jnp.ones((w.shape[1], width))))
+            assert jsparse_native.nm_last_bucketed() == runs, (path, width)
+    if fits:
+        # Group 0's two stored rows: the same field in both (a pair that is not one of
+        # the six) in columns 0..3 (sorted 16 at a time) or in column 532 (one at a time).
+        for byte in (0, -1):
+            pos = a.positions
+            bad = pos.at[1, byte].set(pos[0, byte])
+            with _nm_path("bucket"):
+                with pytest.raises(Exception, match="corrupted N:M positions"):
+                    jax.block_until_ready(f(bad, jnp.ones((w.shape[1], 16))))
 
 
 # Narrow X (2 .. 64 columns): the row-dot (AVX-512, whole 16-lane vectors of a row, 2..4

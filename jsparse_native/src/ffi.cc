@@ -84,6 +84,10 @@ constexpr int64_t kPermuteFrom = 2;
 // passes of four) with AVX2 or AVX-512, never on the portable path (not measured there).
 std::atomic<int64_t> g_nm_rowgather_from{-1};
 constexpr int64_t kRowGatherFrom = 5;
+// W @ X along axis 0 (across the groups), 2:4: the pattern-bucket kernel (AVX-512 only)
+// from this width (forced; tests, benchmarks). -1: the measured default, kBucketFrom.
+std::atomic<int64_t> g_nm_bucket_from{-1};
+constexpr int64_t kBucketFrom = 17;
 std::atomic<int> g_nm_last_ran{0};  // kRan* bits of the last N:M product (tests)
 
 bool permutes_overlap_fmas() {
@@ -389,6 +393,8 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   args.rowgather_from = rg >= 0                  ? std::max<int64_t>(rg, 1)
                         : k != generic_kernels() ? kRowGatherFrom
                                                  : kNever;
+  const int64_t pb = g_nm_bucket_from.load();
+  args.bucket_from = pb >= 0 ? std::max<int64_t>(pb, 1) : kBucketFrom;
   int ran = 0;
   args.ran = &ran;
   const bool grouped_out = (axis == 1) == transpose;
@@ -475,6 +481,9 @@ int jsparse_native_nm_permute_from() { return static_cast<int>(jsparse_native::g
 // ... W @ X along axis 1: the row-gather kernel from this width (-1: the default).
 void jsparse_native_set_nm_rowgather_from(int n) { jsparse_native::g_nm_rowgather_from.store(std::max(-1, n)); }
 int jsparse_native_nm_rowgather_from() { return static_cast<int>(jsparse_native::g_nm_rowgather_from.load()); }
+// ... W @ X along axis 0, 2:4: the pattern-bucket kernel from this width (-1: default).
+void jsparse_native_set_nm_bucket_from(int n) { jsparse_native::g_nm_bucket_from.store(std::max(-1, n)); }
+int jsparse_native_nm_bucket_from() { return static_cast<int>(jsparse_native::g_nm_bucket_from.load()); }
 // The kRan* bits (kernels.h) of the kernels the last N:M product ran (tests).
 int jsparse_native_nm_last_ran() { return jsparse_native::g_nm_last_ran.load(); }
 }

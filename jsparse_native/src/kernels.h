@@ -85,9 +85,12 @@ struct NmArgs {
   int64_t permute_from;
   // W @ X along axis 1 from this width on: the row-gather kernel (nm_rowgather.inc).
   int64_t rowgather_from;
+  // W @ X along axis 0 from this width on: the pattern-bucket kernel (AVX-512, 2:4;
+  // nm_bucket.inc).
+  int64_t bucket_from;
   int* ran;  // kRan* bits: the kernels some range ran (tests)
 };
-constexpr int kRanPermute = 1, kRanRowGather = 2;
+constexpr int kRanPermute = 1, kRanRowGather = 2, kRanBucket = 4;
 
 // Output rows per work item (the unit of the thread split) of an N:M product: 16, or
 // the smallest multiple of mm >= 64 when the output rows run along the groups (a
