@@ -537,9 +537,9 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
     (8 and 16 columns, AVX-512's 8- and 16-float vectors; 64) or copied and zero-padded
     once (2, 7, 33), and passes of four vectors and one over the rest of the columns
     (70: passes of 64 and 6 columns on AVX-512, of 32, 32 and 6 on AVX2; 100: 64 and 36,
-    three of 32 and 4). By default it
-    runs at every width from 5 with AVX2 or AVX-512 (not on the portable path). A
-    corrupted position in a whole word of positions or in the scalar tail raises."""
+    three of 32 and 4). By default it runs at every width from 5 with AVX2 or AVX-512
+    (not on the portable path). A corrupted position in a whole word of positions or in
+    the scalar tail raises."""
     n, m = nm
     fits = nm in ((1, 2), (1, 4), (2, 4), (1, 8), (2, 8))
     # 16 KiB chunks of X's rows at 16 columns: 64 groups of 4 rows, 32 of 8, 128 of 2.
