@@ -40,12 +40,13 @@ __all__ = [
     "nm_last_permuted",
     "nm_last_rowgathered",
     "nm_last_bucketed",
+    "nm_last_groupdotted",
     "set_nm_sddmm_blocking",
     "supported_isas",
 ]
 
 # Bits of jsparse_native_nm_last_ran: the kernels the last N:M product ran (kernels.h).
-_RAN_PERMUTE, _RAN_ROWGATHER, _RAN_BUCKET = 1, 2, 4
+_RAN_PERMUTE, _RAN_ROWGATHER, _RAN_BUCKET, _RAN_GROUPDOT = 1, 2, 4, 8
 
 # Instruction sets, slowest first; an index into this tuple is the C library's code.
 ISAS = ("generic", "avx2", "avx512")
@@ -346,6 +347,18 @@ def nm_last_bucketed() -> bool:
       True
     """
     return bool(_lib().jsparse_native_nm_last_ran() & _RAN_BUCKET)
+
+
+def nm_last_groupdotted() -> bool:
+    """Whether the last N:M product ran the group-dot kernel (``W @ X`` along axis 0,
+    1 to 8 columns; docs/native.md) on some of its rows. For tests.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     assert jsparse_native.nm_last_groupdotted() in (True, False)
+    """
+    return bool(_lib().jsparse_native_nm_last_ran() & _RAN_GROUPDOT)
 
 
 def nm_last_rowgathered() -> bool:

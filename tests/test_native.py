@@ -610,6 +610,42 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
                     jax.block_until_ready(f(bad, jnp.ones((w.shape[1], 16))))
 
 
+@pytest.mark.parametrize(
+    "nm", [(2, 4), (1, 4), (2, 8), (1, 16), (3, 5), (5, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}"
+)
+def test_nm_groupdot_kernel_passes_and_tails(nm):
+    """The group-dot kernel (``W @ X`` along axis 0, 1 to 8 columns, n <= 4 and m <= 16,
+    every instruction set; else the other kernels): 533 columns of ``W`` (33 vectors of
+    16 lanes, or 66 of 8, and a tail of 5), ``X``'s columns in passes of at most four
+    whose accumulators fit the registers (m x columns <= 16 on AVX-512, 8 elsewhere: at
+    m = 4, 5 columns run as 4 + 1 and 8 as 4 + 4 on AVX-512, 2 + 2 + 1 and four of 2 on
+    AVX2; m = 16 one column a pass), n:m at compile time (2:4, 1:4, 2:8) and at run time
+    (1:16, 3:5), bfloat16. By default it runs from 1 to 8 columns and not from 9, nor
+    for n > 4. A corrupted pair of positions in a whole vector or in the column tail
+    raises."""
+    n, m = nm
+    fits = n <= 4
+    a, w = _nm(np.random.default_rng(14), n, m, 0, 13, 533, jnp.float32)
+    _nm_check_all_isas(a, w, (1, 2, 3, 5, 8), jnp.float32, paths=("auto",))
+    ab, wb = _nm(np.random.default_rng(15), n, m, 0, 13, 533, jnp.bfloat16)
+    _nm_check_all_isas(ab, wb, (1, 5), jnp.bfloat16, paths=("auto",))
+    f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
+    for isa in ISAS:
+        for width, runs in ((1, fits), (8, fits), (9, False)):
+            with jsparse_native.forced_isa(isa):
+                jax.block_until_ready(f(a.positions, jnp.ones((w.shape[1], width))))
+                assert jsparse_native.nm_last_groupdotted() == runs, (isa, width)
+        if nm == (2, 4):
+            # Group 0's two stored rows: the same fields in both (not increasing) in
+            # columns 0..3 (a whole vector) or in column 532 (the tail).
+            for byte in (0, -1):
+                bad = a.positions.at[1, byte].set(a.positions[0, byte])
+                for width in (1, 5):
+                    with jsparse_native.forced_isa(isa):
+                        with pytest.raises(Exception, match="corrupted N:M positions"):
+                            jax.block_until_ready(f(bad, jnp.ones((w.shape[1], width))))
+
+
 # Narrow X (2 .. 64 columns): the row-dot (AVX-512, whole 16-lane vectors of a row, 2..4
 # columns), column-axpy (AVX-512, 2..8), dot (W @ X, the contraction along W's columns)
 # and gather kernels (its column tail: a masked partial vector) against the expanded
@@ -636,13 +672,15 @@ def test_nm_dot_and_outer_kernels_chunks_and_tails(axis, dtype):
     outer-product kernel (W.T @ X) past their chunk of the contraction (dot: 1024 columns
     along the groups, 512 across; outer: 256 rows), with a last chunk that is not whole
     vectors, a tail of outputs that is not a whole register tile, and widths that pad X
-    to whole register tiles (dot) or leave a partial tile of columns (outer)."""
+    to whole register tiles (dot) or leave a partial tile of columns (outer). Across the
+    groups the dot kernel takes 9 columns (5: the group-dot kernel; 18: the
+    pattern-bucket kernel on AVX-512)."""
     rng = np.random.default_rng(8)
     # W @ X contracts 1204 = 1024 + 180 (axis 1) or 1101 (axis 0) columns; W.T @ X
     # contracts 1101 (axis 1) or 280 = 256 + 24 (axis 0) rows.
     groups, other = (301, 1101) if axis == 1 else (70, 1101)
     a, w = _nm(rng, 2, 4, axis, groups, other, dtype)
-    _nm_check_all_isas(a, w, (5, 18), dtype, paths=("auto",))
+    _nm_check_all_isas(a, w, (5, 9, 18), dtype, paths=("auto",))
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 2)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
