@@ -646,6 +646,33 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
                             jax.block_until_ready(f(bad, jnp.ones((w.shape[1], width))))
 
 
+@pytest.mark.parametrize(
+    "nm", [(2, 4), (1, 4), (2, 8), (1, 8), (1, 2)], ids=lambda nm: f"{nm[0]}of{nm[1]}"
+)
+def test_nm_row_dot_kernel_row_pairs_and_tails(nm):
+    """The AVX-512 row-dot loops (``W @ X`` along axis 1, rows a whole number of 16-lane
+    steps: one column (the matrix-vector loop) and 2..4 (the row-dot kernel, two rows at
+    a time from 3 columns)): 21 rows (pairs and a last odd row), 80 dense entries a row
+    (two 32-lane steps and one of 16), every packing of the mask table (2:4 and 1:4 with
+    8 or 16 lanes a byte, 2:8, 1:8, 1:2), bfloat16. A corrupted position in either row of
+    a pair, in a 32-lane step or in the last 16 lanes, raises."""
+    n, m = nm
+    a, w = _nm(np.random.default_rng(16), n, m, 1, 80 // m, 21, jnp.float32)
+    _nm_check_all_isas(a, w, (1, 2, 3, 4), jnp.float32, paths=("auto",))
+    ab, wb = _nm(np.random.default_rng(17), n, m, 1, 80 // m, 21, jnp.bfloat16)
+    _nm_check_all_isas(ab, wb, (1, 3), jnp.bfloat16, paths=("auto",))
+    if nm == (2, 4) and "avx512" in ISAS:
+        f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
+        # Row 1 (the second of the first pair) or row 20 (the odd one): its first byte
+        # (a 32-lane step) or its last (the 16-lane step): fields (3, 1) decrease.
+        for row, byte in ((1, 0), (1, -1), (20, 0), (20, -1)):
+            bad = a.positions.at[row, byte].set(jnp.uint8(0b00_00_01_11))
+            for width in (1, 2, 3):
+                with jsparse_native.forced_isa("avx512"):
+                    with pytest.raises(Exception, match="corrupted N:M positions"):
+                        jax.block_until_ready(f(bad, jnp.ones((w.shape[1], width))))
+
+
 # Narrow X (2 .. 64 columns): the row-dot (AVX-512, whole 16-lane vectors of a row, 2..4
 # columns), column-axpy (AVX-512, 2..8), dot (W @ X, the contraction along W's columns)
 # and gather kernels (its column tail: a masked partial vector) against the expanded
