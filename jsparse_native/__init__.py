@@ -31,6 +31,7 @@ __all__ = [
     "load_error",
     "set_isa",
     "set_bcsr_strips",
+    "set_huge_pages",
     "set_max_threads",
     "set_nm_gather_from",
     "set_nm_gather_upto",
@@ -93,6 +94,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
                  "jsparse_native_nm_sddmm_kc", "jsparse_native_nm_sddmm_gblock"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
     lib.jsparse_native_bcsr_strips.restype = ctypes.c_int
+    lib.jsparse_native_huge_pages.restype = ctypes.c_int
     return lib, None
 
 
@@ -403,6 +405,32 @@ def set_bcsr_strips(on: bool) -> bool:
     lib = _lib()
     previous = lib.jsparse_native_bcsr_strips()
     lib.jsparse_native_set_bcsr_strips(int(on))
+    return previous != 0
+
+
+def set_huge_pages(on: bool) -> bool:
+    """Whether the kernels advise the operating system to back their outputs of 8 MiB or
+    more with 2 MiB pages (``madvise(MADV_HUGEPAGE)`` on the whole huge pages inside the
+    output, before writing it; the default) or not; returns the previous setting.
+
+    An output of 32 MiB or more is freshly mapped memory at every call, so writing it
+    costs a page fault per 4 KiB page unless the system's transparent huge pages are
+    ``always``; with ``madvise`` (a common default) the advice makes it one fault per
+    2 MiB. Where transparent huge pages are off the advice does nothing. For tests and
+    benchmarks; takes effect at the next call, compiled functions included
+    (docs/native.md, *Huge pages for the outputs*).
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     old = jsparse_native.set_huge_pages(False)
+      ...     _ = jsparse_native.set_huge_pages(old)
+    """
+    if not isinstance(on, bool):
+        raise ValueError(f"on must be a bool, got {on!r}")
+    lib = _lib()
+    previous = lib.jsparse_native_huge_pages()
+    lib.jsparse_native_set_huge_pages(int(on))
     return previous != 0
 
 

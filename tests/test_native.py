@@ -11,6 +11,7 @@ the fallback without the extension.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import hypothesis.strategies as st
@@ -209,6 +210,52 @@ def test_thread_split_gives_the_same_result():
     finally:
         jsparse_native.set_max_threads(previous)
     np.testing.assert_array_equal(one, all_threads)  # the split never changes a sum's order
+
+
+def _mapping_of(address):
+    """(start, end, VmFlags) of this process's memory mapping that holds ``address``."""
+    start = end = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if start is None and "-" in head and not head.endswith(":"):
+                lo, hi = (int(h, 16) for h in head.split("-"))
+                if lo <= address < hi:
+                    start, end = lo, hi
+            elif start is not None and head == "VmFlags:":
+                return start, end, line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+    reason="transparent huge pages are a Linux feature",
+)
+@pytest.mark.parametrize("on", [True, False])
+def test_large_outputs_are_advised_onto_huge_pages(on):
+    # A 32 MiB output: freshly mapped memory at every call. With the advice on, the
+    # mapping that holds its middle carries the huge-page advice ("hg") and lies inside
+    # the output on 2 MiB boundaries (nothing outside the buffer is advised).
+    a = jsparse.NM.random(jax.random.key(0), (8192, 64), n=2, m=4, axis=1)
+    x = jax.random.normal(jax.random.key(1), (64, 1024))
+    previous = jsparse_native.set_huge_pages(on)
+    try:
+        y = jax.jit(lambda a, x: jsparse.matmul(a, x, impl="cpu"))(a, x).block_until_ready()
+        first, size = y.unsafe_buffer_pointer(), y.nbytes
+        start, end, flags = _mapping_of(first + size // 2)
+    finally:
+        jsparse_native.set_huge_pages(previous)
+    assert size == 32 << 20
+    expected = np.asarray(a.todense(), np.float64) @ np.asarray(x, np.float64)
+    assert_close(y, expected, jnp.float32, k=64)
+    if on:
+        assert "hg" in flags
+        assert first <= start and end <= first + size
+        assert start % (2 << 20) == 0 and end % (2 << 20) == 0
+    else:
+        assert "hg" not in flags
+    with pytest.raises(ValueError, match="on must be a bool"):
+        jsparse_native.set_huge_pages(1)
 
 
 def test_isa_controls_reject_bad_names():

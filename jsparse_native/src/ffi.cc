@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -57,6 +59,7 @@ std::atomic<int> g_isa{isa_from_env()};
 std::atomic<int> g_max_threads{0};   // 0: every thread of XLA's pool
 std::atomic<int> g_last_threads{0};  // threads the last call used (for tests)
 std::atomic<int> g_bcsr_strips{1};   // BCSR strip kernel (bcsr_strips.inc); 0: general only
+std::atomic<int> g_huge_pages{1};    // large outputs advised onto huge pages; 0: never
 constexpr int64_t kNever = int64_t{1} << 30;  // a width of X no call reaches
 // N:M products contracting the groups: the stored-entries gather kernel from this
 // width of X on (forced: tests, benchmarks; by default only when X holds a NaN or an
@@ -186,6 +189,31 @@ ffi::Error elem_of(ffi::DataType t, Elem* out, const char* what) {
   return ffi::Error::Success();
 }
 
+// Outputs of 32 MiB and more come to a call as freshly mapped memory every time (glibc
+// maps requests that large and unmaps them when XLA frees the buffer), so the kernel's
+// first write to each 4 KiB page faults: 8192 faults for the 32 MiB gradient of a 2:4
+// 4096 x 4096 matrix, 7 ms of a 16 ms gradient on the Zen 4 runner (docs/native.md,
+// *Huge pages for the outputs*). Advising the whole 2 MiB pages inside the output with
+// MADV_HUGEPAGE before the kernel writes lets the faults map 2 MiB at a time where
+// transparent huge pages are "madvise" (the default of several distributions) or
+// "always"; with them off it changes nothing. Only whole pages inside the buffer are
+// advised, and only for outputs of at least kHugeMin of them.
+constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+constexpr uintptr_t kHugeMin = 4;
+void advise_huge_pages(void* out, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  if (!g_huge_pages.load(std::memory_order_relaxed) || bytes < kHugeMin * kHugePage) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(out);
+  const uintptr_t lo = (p + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t hi = (p + bytes) & ~(kHugePage - 1);
+  // A hint: where it fails (a kernel without transparent huge pages) nothing changes.
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)out;
+  (void)bytes;
+#endif
+}
+
 ffi::Error bad(const std::string& msg) {
   return ffi::Error::InvalidArgument("jsparse native: " + msg);
 }
@@ -255,6 +283,7 @@ ffi::Error BcsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::
                 bm, bn, bo, bi, transpose ? 1 : bn, transpose ? bn : 1, n, dtype};
   args.strips = g_bcsr_strips.load();
   if (n == 0 || nout == 0) return ffi::Error::Success();
+  advise_huge_pages(y->untyped_data(), y->size_bytes());
   const KernelTable* k = table_for(g_isa.load());
   // Balance by stored blocks (plus one per block-row for its zeroing/stores).
   std::vector<int64_t> cum(nout + 1);
@@ -297,6 +326,7 @@ ffi::Error BcsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer u, ffi::AnyBuffer v,
   SddmmArgs args{u.untyped_data(), v.untyped_data(), R, C, out->untyped_data(),
                  bm, bn, j, dtype};
   const KernelTable* k = table_for(g_isa.load());
+  advise_huge_pages(out->untyped_data(), out->size_bytes());
   const int64_t parts = std::min<int64_t>(nse, pool_parts(pool));
   parallel_for(pool, parts, [&](int64_t c) {
     k->sddmm(args, nse * c / parts, nse * (c + 1) / parts);
@@ -397,6 +427,7 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   args.bucket_from = pb >= 0 ? std::max<int64_t>(pb, 1) : kBucketFrom;
   int ran = 0;
   args.ran = &ran;
+  advise_huge_pages(y->untyped_data(), y->size_bytes());
   const bool grouped_out = (axis == 1) == transpose;
   const int64_t panel = nm_panel_rows(m, grouped_out);
   const int64_t items = (out_rows + panel - 1) / panel;
@@ -469,6 +500,10 @@ int jsparse_native_last_threads() { return jsparse_native::g_last_threads.load()
 // general one only (0): tests, benchmarks.
 void jsparse_native_set_bcsr_strips(int on) { jsparse_native::g_bcsr_strips.store(std::max(0, on)); }
 int jsparse_native_bcsr_strips() { return jsparse_native::g_bcsr_strips.load(); }
+// Outputs of 8 MiB and more advised onto huge pages (1, the default) or not (0):
+// tests, benchmarks.
+void jsparse_native_set_huge_pages(int on) { jsparse_native::g_huge_pages.store(on != 0); }
+int jsparse_native_huge_pages() { return jsparse_native::g_huge_pages.load(); }
 // N:M: the width of X from which the gather kernel runs (benchmarks, tests).
 void jsparse_native_set_nm_gather_from(int n) { jsparse_native::g_nm_gather_from.store(std::max(1, n)); }
 int jsparse_native_nm_gather_from() { return static_cast<int>(jsparse_native::g_nm_gather_from.load()); }
