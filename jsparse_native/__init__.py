@@ -387,6 +387,17 @@ def nm_last_permuted() -> bool:
     return bool(_lib().jsparse_native_nm_last_ran() & _RAN_PERMUTE)
 
 
+def _set_switch(name: str, on: bool) -> bool:
+    """Sets the library's on/off switch ``name`` (C: ``jsparse_native_set_<name>``),
+    returning its previous setting."""
+    if not isinstance(on, bool):
+        raise ValueError(f"on must be a bool, got {on!r}")
+    lib = _lib()
+    previous = getattr(lib, f"jsparse_native_{name}")()
+    getattr(lib, f"jsparse_native_set_{name}")(int(on))
+    return previous != 0
+
+
 def set_bcsr_strips(on: bool) -> bool:
     """Whether BCSR products with one output row per block-row (1 x k blocks in
     ``A @ X``, k x 1 in ``A.T @ X``) run the row-strip kernel (the default) or the
@@ -400,12 +411,7 @@ def set_bcsr_strips(on: bool) -> bool:
       ...     old = jsparse_native.set_bcsr_strips(False)
       ...     _ = jsparse_native.set_bcsr_strips(old)
     """
-    if not isinstance(on, bool):
-        raise ValueError(f"on must be a bool, got {on!r}")
-    lib = _lib()
-    previous = lib.jsparse_native_bcsr_strips()
-    lib.jsparse_native_set_bcsr_strips(int(on))
-    return previous != 0
+    return _set_switch("bcsr_strips", on)
 
 
 def set_huge_pages(on: bool) -> bool:
@@ -426,12 +432,7 @@ def set_huge_pages(on: bool) -> bool:
       ...     old = jsparse_native.set_huge_pages(False)
       ...     _ = jsparse_native.set_huge_pages(old)
     """
-    if not isinstance(on, bool):
-        raise ValueError(f"on must be a bool, got {on!r}")
-    lib = _lib()
-    previous = lib.jsparse_native_huge_pages()
-    lib.jsparse_native_set_huge_pages(int(on))
-    return previous != 0
+    return _set_switch("huge_pages", on)
 
 
 def set_nm_sddmm_blocking(kc: int = 0, rows: int = 0) -> tuple[int, int]:
