@@ -325,10 +325,10 @@ def set_nm_rowgather_from(n: int | None) -> int | None:
 
 def set_nm_bucket_from(n: int | None) -> int | None:
     """Width of ``X`` from which ``W @ X`` for a 2:4 ``W`` grouped along axis 0 runs the
-    pattern-bucket kernel (AVX-512 only): stored entries only, each group's columns sorted
-    by their pair of stored rows so that each pair's loop keeps its two output rows in
-    registers (docs/native.md). ``None``: the measured default. Returns the previous
-    setting. For tests and benchmarks.
+    pattern-bucket kernel (AVX-512 with VBMI and VBMI2): stored entries only, each
+    group's columns sorted by their pair of stored rows so that each pair's loop keeps
+    its two output rows in registers (docs/native.md). ``None``: the measured default.
+    Returns the previous setting. For tests and benchmarks.
 
     Example:
       >>> import jsparse_native

@@ -37,6 +37,15 @@ from oracle import assert_close
 ISAS = jsparse_native.supported_isas()
 
 
+def _cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (False where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def test_extension_is_built_and_registered():
     assert jsparse_native.available(), jsparse_native.load_error()
     assert jsparse_native.isa() in ISAS
@@ -639,15 +648,15 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
 def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
-    """The pattern-bucket kernel (``W @ X`` along axis 0, 2:4, AVX-512; else the other
-    kernels): 37 groups (two blocks of 16 and a tail), 533 columns of ``W`` (two chunks
-    of 256 at one vector of ``X`` and the last not whole 16s; 8 chunks of 64 at four
-    vectors), ``X`` read in place (16, 64) or copied and zero-padded (2, 33), passes of
-    four vectors and one over the rest (70, 100). By default it runs from 17 columns.
-    A corrupted pair of positions in 16 columns sorted at once or in the chunk's last
-    columns raises."""
+    """The pattern-bucket kernel (``W @ X`` along axis 0, 2:4, AVX-512 with VBMI2; else
+    the other kernels): 37 groups (two blocks of 16 and a tail), 533 columns of ``W``
+    (two chunks of 256 at one vector of ``X`` and a last of 21, not a whole block of 64
+    columns; 8 chunks of 64 at four vectors), ``X`` read in place (16, 64) or copied and
+    zero-padded (2, 33), passes of four vectors and one over the rest (70, 100). By
+    default it runs from 9 columns. A corrupted pair of positions in a whole block of
+    64 columns or in the last, partial block raises."""
     n, m = nm
-    fits = nm == (2, 4) and "avx512" in ISAS
+    fits = nm == (2, 4) and "avx512" in ISAS and _cpu_has("avx512_vbmi2")
     a, w = _nm(np.random.default_rng(12), n, m, 0, 37, 533, jnp.float32)
     _nm_check_all_isas(a, w, (2, 16, 17, 33, 64, 70, 100), jnp.float32, paths=("bucket",))
     ab, wb = _nm(np.random.default_rng(13), n, m, 0, 37, 533, jnp.bfloat16)
@@ -656,8 +665,8 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     for path, width, runs in (
         ("bucket", 16, fits),
         ("dense", 16, False),
-        ("auto", 16, False),
-        ("auto", 17, fits),
+        ("auto", 8, False),
+        ("auto", 9, fits),
         ("auto", 100, fits),
     ):
         with _nm_path(path):
@@ -665,7 +674,7 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
             assert jsparse_native.nm_last_bucketed() == runs, (path, width)
     if fits:
         # Group 0's two stored rows: the same field in both (a pair that is not one of
-        # the six) in columns 0..3 (sorted 16 at a time) or in column 532 (one at a time).
+        # the six) in columns 0..3 (a whole block) or in column 532 (the partial one).
         for byte in (0, -1):
             pos = a.positions
             bad = pos.at[1, byte].set(pos[0, byte])
@@ -764,14 +773,15 @@ def test_nm_dot_and_outer_kernels_chunks_and_tails(axis, dtype):
     along the groups, 512 across; outer: 256 rows), with a last chunk that is not whole
     vectors, a tail of outputs that is not a whole register tile, and widths that pad X
     to whole register tiles (dot) or leave a partial tile of columns (outer). Across the
-    groups the dot kernel takes 9 columns (5: the group-dot kernel; 18: the
-    pattern-bucket kernel on AVX-512)."""
+    groups the dot kernel takes 9 and 18 columns (5: the group-dot kernel) where the
+    pattern-bucket kernel does not run (AVX-512 without VBMI2, AVX2, the portable path;
+    "permute" turns it off)."""
     rng = np.random.default_rng(8)
     # W @ X contracts 1204 = 1024 + 180 (axis 1) or 1101 (axis 0) columns; W.T @ X
     # contracts 1101 (axis 1) or 280 = 256 + 24 (axis 0) rows.
     groups, other = (301, 1101) if axis == 1 else (70, 1101)
     a, w = _nm(rng, 2, 4, axis, groups, other, dtype)
-    _nm_check_all_isas(a, w, (5, 9, 18), dtype, paths=("auto",))
+    _nm_check_all_isas(a, w, (5, 9, 18), dtype, paths=("auto", "permute"))
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 2)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
