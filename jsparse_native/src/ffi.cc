@@ -90,7 +90,7 @@ constexpr int64_t kRowGatherFrom = 5;
 // W @ X along axis 0 (across the groups), 2:4: the pattern-bucket kernel (AVX-512 only)
 // from this width (forced; tests, benchmarks). -1: the measured default, kBucketFrom.
 std::atomic<int64_t> g_nm_bucket_from{-1};
-constexpr int64_t kBucketFrom = 9;
+constexpr int64_t kBucketFrom = 8;
 std::atomic<int> g_nm_last_ran{0};  // kRan* bits of the last N:M product (tests)
 
 bool permutes_overlap_fmas() {
