@@ -46,6 +46,11 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
+# Where the pattern-bucket kernel (2:4 W @ X across the groups) can run: AVX-512 with
+# VBMI and VBMI2.
+BUCKET_CPU = "avx512" in ISAS and _cpu_has("avx512vbmi") and _cpu_has("avx512_vbmi2")
+
+
 def test_extension_is_built_and_registered():
     assert jsparse_native.available(), jsparse_native.load_error()
     assert jsparse_native.isa() in ISAS
@@ -654,10 +659,10 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     columns; 8 chunks of 64 at four vectors), ``X`` read in place (8, 16, 64) or copied
     and zero-padded (2, 33), up to 8 columns in 8-float vectors (2, 8, and the last pass
     of 70), passes of four vectors and one over the rest (70, 100). By default it runs
-    from 8 columns. A corrupted pair of positions in a whole block of
-    64 columns or in the last, partial block raises."""
+    from 8 columns. A corrupted pair of positions in a whole block of 64 columns or in
+    the last, partial block raises."""
     n, m = nm
-    fits = nm == (2, 4) and "avx512" in ISAS and _cpu_has("avx512_vbmi2")
+    fits = nm == (2, 4) and BUCKET_CPU
     a, w = _nm(np.random.default_rng(12), n, m, 0, 37, 533, jnp.float32)
     _nm_check_all_isas(a, w, (2, 8, 16, 17, 33, 64, 70, 100), jnp.float32, paths=("bucket",))
     ab, wb = _nm(np.random.default_rng(13), n, m, 0, 37, 533, jnp.bfloat16)
@@ -695,8 +700,8 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
     m = 4, 5 columns run as 4 + 1 and 8 as 4 + 4 on AVX-512, 2 + 2 + 1 and four of 2 on
     AVX2; m = 16 one column a pass), n:m at compile time (2:4, 1:4, 2:8) and at run time
     (1:16, 3:5), bfloat16. By default it runs from 1 to 8 columns (2:4 up to 7 where the
-    pattern-bucket kernel runs) and not from 9, nor for n > 4. A corrupted pair of positions in a whole vector or in the column tail
-    raises."""
+    pattern-bucket kernel runs) and not from 9, nor for n > 4. A corrupted pair of
+    positions in a whole vector or in the column tail raises."""
     n, m = nm
     fits = n <= 4
     a, w = _nm(np.random.default_rng(14), n, m, 0, 13, 533, jnp.float32)
@@ -706,7 +711,7 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
     for isa in ISAS:
         # At 8 columns the pattern-bucket kernel takes 2:4 where it runs.
-        bucket = nm == (2, 4) and isa == "avx512" and _cpu_has("avx512_vbmi2")
+        bucket = nm == (2, 4) and isa == "avx512" and BUCKET_CPU
         for width, runs in ((1, fits), (7, fits), (8, fits and not bucket), (9, False)):
             with jsparse_native.forced_isa(isa):
                 jax.block_until_ready(f(a.positions, jnp.ones((w.shape[1], width))))

@@ -87,8 +87,8 @@ constexpr int64_t kPermuteFrom = 2;
 // passes of four) with AVX2 or AVX-512, never on the portable path (not measured there).
 std::atomic<int64_t> g_nm_rowgather_from{-1};
 constexpr int64_t kRowGatherFrom = 5;
-// W @ X along axis 0 (across the groups), 2:4: the pattern-bucket kernel (AVX-512 only)
-// from this width (forced; tests, benchmarks). -1: the measured default, kBucketFrom.
+// W @ X along axis 0 (across the groups), 2:4: the pattern-bucket kernel (AVX-512 with
+// VBMI and VBMI2) from this width (forced; tests, benchmarks). -1: the measured default, kBucketFrom.
 std::atomic<int64_t> g_nm_bucket_from{-1};
 constexpr int64_t kBucketFrom = 8;
 std::atomic<int> g_nm_last_ran{0};  // kRan* bits of the last N:M product (tests)
