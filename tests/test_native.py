@@ -426,8 +426,10 @@ def _nm_path(path):
     (``W.T @ X`` along axis 0 from 2 columns: the AVX-512 permute kernel, whatever the
     CPU's vendor), "rowgather" (``W @ X`` along axis 1 from 2 columns at every width and
     instruction set: the row-gather kernel where the n:m fits it), "bucket" (``W @ X``
-    along axis 0 from 2 columns: the AVX-512 pattern-bucket kernel for 2:4) or "dense"
-    (expanded tiles at every width > 1)."""
+    along axis 0 from 2 columns: the AVX-512 pattern-bucket kernel for 2:4), "groupdot"
+    ("auto" without the pattern-bucket, permute and row-gather kernels: ``W @ X`` along
+    axis 0 runs the group-dot kernel up to 8 columns) or "dense" (expanded tiles at
+    every width > 1)."""
     old_from = jsparse_native.set_nm_gather_from(1 if path == "gather" else 10**6)
     old_upto = jsparse_native.set_nm_gather_upto({"dense": 0, "rowgather": 10**6}.get(path))
     permute = {"permute": 2, "auto": None}.get(path, 10**6)
@@ -659,7 +661,7 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     columns; 8 chunks of 64 at four vectors), ``X`` read in place (8, 16, 64) or copied
     and zero-padded (2, 33), up to 8 columns in 8-float vectors (2, 8, and the last pass
     of 70), passes of four vectors and one over the rest (70, 100). By default it runs
-    from 8 columns. A corrupted pair of positions in a whole block of 64 columns or in
+    from 5 columns. A corrupted pair of positions in a whole block of 64 columns or in
     the last, partial block raises."""
     n, m = nm
     fits = nm == (2, 4) and BUCKET_CPU
@@ -671,8 +673,8 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     for path, width, runs in (
         ("bucket", 16, fits),
         ("dense", 16, False),
-        ("auto", 7, False),
-        ("auto", 8, fits),
+        ("auto", 4, False),
+        ("auto", 5, fits),
         ("auto", 100, fits),
     ):
         with _nm_path(path):
@@ -699,30 +701,37 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
     whose accumulators fit the registers (m x columns <= 16 on AVX-512, 8 elsewhere: at
     m = 4, 5 columns run as 4 + 1 and 8 as 4 + 4 on AVX-512, 2 + 2 + 1 and four of 2 on
     AVX2; m = 16 one column a pass), n:m at compile time (2:4, 1:4, 2:8) and at run time
-    (1:16, 3:5), bfloat16. By default it runs from 1 to 8 columns (2:4 up to 7 where the
-    pattern-bucket kernel runs) and not from 9, nor for n > 4. A corrupted pair of
-    positions in a whole vector or in the column tail raises."""
+    (1:16, 3:5), bfloat16 (all with the pattern-bucket kernel off). By default it runs
+    from 1 to 8 columns (2:4 up to 4 where the pattern-bucket kernel runs) and not from
+    9, nor for n > 4. A corrupted pair of positions in a whole vector or in the column
+    tail raises."""
     n, m = nm
     fits = n <= 4
     a, w = _nm(np.random.default_rng(14), n, m, 0, 13, 533, jnp.float32)
-    _nm_check_all_isas(a, w, (1, 2, 3, 5, 8), jnp.float32, paths=("auto",))
+    _nm_check_all_isas(a, w, (1, 2, 3, 5, 8), jnp.float32, paths=("groupdot",))
     ab, wb = _nm(np.random.default_rng(15), n, m, 0, 13, 533, jnp.bfloat16)
-    _nm_check_all_isas(ab, wb, (1, 5), jnp.bfloat16, paths=("auto",))
+    _nm_check_all_isas(ab, wb, (1, 5), jnp.bfloat16, paths=("groupdot",))
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
     for isa in ISAS:
-        # At 8 columns the pattern-bucket kernel takes 2:4 where it runs.
+        # From 5 columns the pattern-bucket kernel takes 2:4 where it runs.
         bucket = nm == (2, 4) and isa == "avx512" and BUCKET_CPU
-        for width, runs in ((1, fits), (7, fits), (8, fits and not bucket), (9, False)):
-            with jsparse_native.forced_isa(isa):
+        for path, width, runs in (
+            ("auto", 1, fits),
+            ("auto", 4, fits),
+            ("auto", 5, fits and not bucket),
+            ("groupdot", 8, fits),
+            ("groupdot", 9, False),
+        ):
+            with jsparse_native.forced_isa(isa), _nm_path(path):
                 jax.block_until_ready(f(a.positions, jnp.ones((w.shape[1], width))))
-                assert jsparse_native.nm_last_groupdotted() == runs, (isa, width)
+                assert jsparse_native.nm_last_groupdotted() == runs, (isa, path, width)
         if nm == (2, 4):
             # Group 0's two stored rows: the same fields in both (not increasing) in
             # columns 0..3 (a whole vector) or in column 532 (the tail).
             for byte in (0, -1):
                 bad = a.positions.at[1, byte].set(a.positions[0, byte])
                 for width in (1, 5):
-                    with jsparse_native.forced_isa(isa):
+                    with jsparse_native.forced_isa(isa), _nm_path("groupdot"):
                         with pytest.raises(Exception, match="corrupted N:M positions"):
                             jax.block_until_ready(f(bad, jnp.ones((w.shape[1], width))))
 
