@@ -659,7 +659,7 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     the other kernels): 37 groups (two blocks of 16 and a tail), 533 columns of ``W``
     (two chunks of 256 at one vector of ``X`` and a last of 21, not a whole block of 64
     columns; 8 chunks of 64 at four vectors), ``X`` read in place (8, 16, 64) or copied
-    and zero-padded (2, 33), up to 8 columns in 8-float vectors (2, 8, and the last pass
+    and zero-padded (2, 33), up to 8 columns in the pairs loop (2, 8, and the last pass
     of 70), passes of four vectors and one over the rest (70, 100). By default it runs
     from 5 columns. A corrupted pair of positions in a whole block of 64 columns or in
     the last, partial block raises."""
