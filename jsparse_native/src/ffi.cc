@@ -88,7 +88,8 @@ constexpr int64_t kPermuteFrom = 2;
 std::atomic<int64_t> g_nm_rowgather_from{-1};
 constexpr int64_t kRowGatherFrom = 5;
 // W @ X along axis 0 (across the groups), 2:4: the pattern-bucket kernel (AVX-512 with
-// VBMI and VBMI2) from this width (forced; tests, benchmarks). -1: the measured default, kBucketFrom.
+// VBMI and VBMI2) from this width (forced; tests, benchmarks). -1: the measured default,
+// kBucketFrom.
 std::atomic<int64_t> g_nm_bucket_from{-1};
 // Paired on the Zen 4 runner (2:4, 4096^2, two threads; against the group-dot kernel):
 // 5-7 columns 1.11-1.14x as fast, 4 columns 0.71x.
