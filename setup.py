@@ -86,8 +86,11 @@ _native = Extension(
             "nm_dot.inc",
             "nm_rowgather.inc",
             "nm_expand_avx2.inc",
+            "nm_bucket.inc",
             "nm_sddmm.inc",
             "nm_sddmm_ffi.inc",
+            "nm_prune.inc",
+            "nm_prune_ffi.inc",
         )
     ],
     include_dirs=[_SRC],

@@ -1,6 +1,7 @@
 """Native CPU kernels (``impl="cpu"``, jsparse_native): BCSR A (M x K) @ X (K x N)
 against dense ``jnp``, jsparse's XLA kernels, ``jax.experimental.sparse`` and (when
-installed) ``torch.sparse``; the gradient; the thread and instruction-set scaling."""
+installed) ``torch.sparse``; the gradient; the thread and instruction-set scaling; N:M
+products, the native pruning (``NM.fromdense``) and the SR-STE layer built on both."""
 
 from __future__ import annotations
 
@@ -205,6 +206,47 @@ def _nm_row(a: NM, x) -> list:
     return [*row[:2], t_dense * 1e3, *row[2:]]
 
 
+def _prune_rows(size: int) -> list:
+    """``NM.fromdense`` 2:4, ``cpu`` against ``xla``, with an elementwise pass over the
+    same matrix (``2 * x``: one read, one write) as the memory-bound yardstick."""
+    x = jax.random.normal(jax.random.key(0), (size, size))
+    copy = jax.jit(lambda x: 2 * x)
+    rows = []
+    for axis in (0, 1):
+        cpu, xla = (
+            jax.jit(lambda x, i=impl, a=axis: NM.fromdense(x, n=2, m=4, axis=a, impl=i).values)
+            for impl in ("cpu", "xla")
+        )
+        t_xla, t_cpu, speedup = paired_times(xla, (x,), cpu, (x,), reps=3, run=3)
+        t_copy, _, vs_copy = paired_times(copy, (x,), cpu, (x,), **_ROUNDS)
+        rows.append([f"2:4 axis {axis}", t_cpu * 1e3, t_xla * 1e3, speedup, t_copy * 1e3, vs_copy])
+    return rows
+
+
+def _sr_ste_rows(features: int, batches) -> list:
+    """``value_and_grad`` of one ``SRSTELinear`` (2:4) step against ``nnx.Linear``'s."""
+    from flax import nnx
+
+    from jsparse.nn import SRSTELinear
+
+    def loss(layer, x, target):
+        return jnp.sum(jax.nn.relu(layer(x)) * target)
+
+    step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+    linear = nnx.Linear(features, features, rngs=nnx.Rngs(0))
+    rows = []
+    for batch in batches:
+        x = jax.random.normal(jax.random.key(1), (batch, features))
+        t = jax.random.normal(jax.random.key(2), (batch, features))
+        row = [batch]
+        for impl in ("auto", "dense"):
+            layer = SRSTELinear(linear, impl=impl)
+            t_dense, speedup = paired_speedup(step, (linear, x, t), step, (layer, x, t), **_ROUNDS)
+            row.append(speedup)
+        rows.append([row[0], t_dense * 1e3, *row[1:]])
+    return rows
+
+
 def run(quick: bool = False) -> str:
     """The native-kernel tables (markdown)."""
     if not jsparse_native.available():
@@ -252,6 +294,15 @@ def run(quick: bool = False) -> str:
         ],
         nm_rows,
     )  # fmt: skip
+    prune = markdown_table(
+        ["pattern", "cpu ms", "xla ms", "cpu speedup", "2 * x ms", "2 * x / cpu"],
+        _prune_rows(1024 if quick else 4096),
+    )
+    features = 512 if quick else 2048
+    sr_ste = markdown_table(
+        ["batch", "nnx.Linear ms", "SRSTELinear auto (N:M)", "SRSTELinear dense"],
+        _sr_ste_rows(features, [128] if quick else [128, 512]),
+    )
     return (
         f"## Native CPU kernels: BCSR A {size}x{size} @ X {size}x{n}, float32\n\n"
         "Speedups over dense `jnp` (dense time / method time; > 1 is faster), the median "
@@ -276,5 +327,14 @@ def run(quick: bool = False) -> str:
         "X.T (B x K) @ W through the native kernel of W.T, against dense `X.T @ W`; the "
         "gradient column: `grad` of `sum((W @ X - T)**2)` in (values, X) over the dense "
         "gradient).\n\n"
-        f"{nm}"
+        f"{nm}\n\n"
+        f"`NM.fromdense` (2:4) of a {size_nm // (4 if quick else 1)}x"
+        f"{size_nm // (4 if quick else 1)} float32 matrix: the native pruning against "
+        "`lax.top_k` (`xla`), and against one elementwise pass over the matrix.\n\n"
+        f"{prune}\n\n"
+        f"One SR-STE step (`value_and_grad` in the layer and X) of a {features}x{features} "
+        "layer, 2:4: speedup over `nnx.Linear`'s step. *auto*: pruned natively every call, "
+        "the N:M products for the forward and dX, dense dW; *dense*: the masked dense "
+        "product.\n\n"
+        f"{sr_ste}"
     )

@@ -8,8 +8,9 @@ ways, with the same NNX + optax training loop:
 - ``rigl``:    90% block-sparse (32x32 blocks, ERK allocation across layers), trained
                with RigL on the real BCSR representation: every step multiplies only
                the stored blocks, and the optimizer state holds only them.
-- ``sr_ste``:  2:4 sparsity learned with SR-STE (dense weights, N:M mask each step),
-               ending in an ``NMLinear`` model.
+- ``sr_ste``:  2:4 sparsity learned with SR-STE (dense weights pruned to 2:4 every
+               step; on CPU the N:M kernels run the forward and the input
+               gradients), ending in an ``NMLinear`` model.
 - ``monarch``: the hidden layer as a Monarch matrix (block-diagonal factors).
 
 It prints a table of test accuracy, training-step time, parameter + optimizer-state

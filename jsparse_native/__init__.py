@@ -55,7 +55,8 @@ ISAS = ("generic", "avx2", "avx512")
 # FFI targets of the library (name -> exported handler symbol).
 TARGETS = {
     name: name
-    for name in ("jsparse_bcsr_spmm", "jsparse_bcsr_sddmm", "jsparse_nm_spmm", "jsparse_nm_sddmm")
+    for name in ("jsparse_bcsr_spmm", "jsparse_bcsr_sddmm", "jsparse_nm_spmm", "jsparse_nm_sddmm",
+                 "jsparse_nm_prune")
 }
 
 

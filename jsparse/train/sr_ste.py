@@ -21,6 +21,7 @@ from typing import Any
 
 from flax import nnx
 
+from jsparse.core.registry import check_impl
 from jsparse.nn import SRSTELinear, iter_linears, replace_module
 from jsparse.nn.sr_ste_linear import input_axis_mask, sr_ste_masked
 
@@ -36,6 +37,9 @@ class SRSTE:
         axis (default 2:4).
       decay: λ, the decay of the pruned weights (the paper's 2e-4).
       filter: an NNX filter of ``(path, layer)`` choosing the ``nnx.Linear`` layers.
+      impl: the layers' product (:class:`~jsparse.nn.SRSTELinear`): ``"auto"`` (the
+        N:M products on CPU with the native kernels, the masked dense product
+        elsewhere), ``"dense"``, or a :func:`jsparse.matmul` implementation.
 
     Returns:
       The algorithm (a frozen dataclass): :meth:`apply` before training,
@@ -68,12 +72,14 @@ class SRSTE:
     m: int = 4
     decay: float = 2e-4
     filter: Any = ...
+    impl: str = "auto"
 
     def __post_init__(self):
         if not 1 <= int(self.n) < int(self.m):
             raise ValueError(f"N:M sparsity needs 1 <= n < m, got n={self.n}, m={self.m}")
         if float(self.decay) < 0:
             raise ValueError(f"decay must be >= 0, got {self.decay}")
+        check_impl(self.impl)
 
     def apply(self, model):
         """Replace the selected ``nnx.Linear`` layers by
@@ -96,7 +102,7 @@ class SRSTE:
                 stacklevel=2,
             )
         for path, layer in selected:
-            new = SRSTELinear(layer, n=self.n, m=self.m, decay=self.decay)
+            new = SRSTELinear(layer, n=self.n, m=self.m, decay=self.decay, impl=self.impl)
             model = replace_module(model, path, new)
         return model
 

@@ -7,6 +7,7 @@
 //   jsparse_bcsr_sddmm  (u, v, rows, cols) -> out                blocks of U @ V.T
 //   jsparse_nm_spmm     (values, packed positions, x) -> y        op(W) @ X for N:M W
 //   jsparse_nm_sddmm    (u, v, packed positions) -> values        (U @ V.T)[kept], N:M
+//   jsparse_nm_prune    (x) -> (values, packed positions, keep)   N:M of largest magnitude
 // plus a few C functions (ctypes) to query and force the ISA and the thread count.
 #include <algorithm>
 #include <atomic>
@@ -527,5 +528,6 @@ int jsparse_native_nm_last_ran() { return jsparse_native::g_nm_last_ran.load(); 
 }
 #pragma GCC visibility pop
 
-// The N:M SDDMM's handler (its own file).
+// The N:M SDDMM's and pruning's handlers (their own files).
 #include "nm_sddmm_ffi.inc"
+#include "nm_prune_ffi.inc"

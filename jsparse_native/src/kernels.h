@@ -125,6 +125,23 @@ struct NmSddmmArgs {
 
 constexpr int64_t kNmSddmmRows = 128;
 
+// N:M pruning (nm_prune.inc): keep the nn entries of largest magnitude in every group of
+// mm (mm <= 16) along one axis of the dense X (rows x cols, row-major). Writes the
+// values (axis 0: rows / mm * nn x cols; axis 1: rows x cols / mm * nn), their packed
+// positions (``bits`` per position, ``pbytes`` bytes per row of the values, padding
+// bits 0) and, unless ``keep`` is nullptr, the dense keep mask (rows x cols, 0 / 1).
+// A work item is one block of mm rows (axis 0) or one row (axis 1).
+constexpr int64_t kPruneMaxM = 16;
+struct NmPruneArgs {
+  const void* x;
+  void* values;
+  uint8_t* pos;
+  uint8_t* keep;
+  int64_t rows, cols, nn, mm, bits, pbytes;
+  bool axis0;
+  Elem dtype;
+};
+
 struct KernelTable {
   const char* name;
   void (*spmm)(const SpmmArgs&, int64_t o0, int64_t o1);
@@ -134,6 +151,8 @@ struct KernelTable {
   void (*nm)(const NmArgs&, int64_t i0, int64_t i1);
   // The N:M SDDMM for the work items [i0, i1) (kNmSddmmRows rows of O each).
   void (*nm_sddmm)(const NmSddmmArgs&, int64_t i0, int64_t i1);
+  // N:M pruning for the work items [i0, i1).
+  void (*nm_prune)(const NmPruneArgs&, int64_t i0, int64_t i1);
 };
 
 const KernelTable* generic_kernels();

@@ -44,10 +44,16 @@ from jsparse.core.checks import symbolic_width_reason
 from jsparse.core.product import ProductKernels
 from jsparse.core.registry import on_platform, register_impl
 from jsparse.formats.bcsr.cpu import native_dtype, native_ready, unsupported_reason
+from jsparse.formats.nm import xla
 from jsparse.formats.nm.matrix import NM
+from jsparse.formats.nm.packing import packed_length
 from jsparse.formats.nm.xla import XLA_KERNELS, values_length
 
-__all__ = ["CPU_KERNELS"]
+__all__ = ["CPU_KERNELS", "MAX_PRUNE_M"]
+
+# The native pruning ranks a group's entries pairwise, in registers: m up to 16 (the
+# 4-bit positions); larger groups take the XLA path (lax.top_k).
+MAX_PRUNE_M = 16
 
 
 def _spmm(values, packed, x, *, config, transpose):
@@ -78,11 +84,41 @@ def _sample(u, v, packed, *, config):
     return out.astype(u.dtype)
 
 
+def _prune(x, *, n, m, axis, with_mask):
+    if native_dtype(x.dtype) is None or not native_ready():
+        return xla.prune(x, n=n, m=m, axis=axis, with_mask=with_mask)
+    rows, cols = x.shape
+    shape = (rows // m * n, cols) if axis == 0 else (rows, cols // m * n)
+    outs = (
+        jax.ShapeDtypeStruct(shape, x.dtype),
+        jax.ShapeDtypeStruct((shape[0], packed_length(shape[1], m)), jnp.uint8),
+        jax.ShapeDtypeStruct((rows, cols) if with_mask else (0, 0), jnp.bool_),
+    )
+    call = jax.ffi.ffi_call("jsparse_nm_prune", outs, vmap_method="sequential")
+    values, packed, mask = call(x, n=n, m=m, axis=axis)
+    return values, packed, mask if with_mask else None
+
+
 # Code for CPU only (an export runs the XLA kernels).
 CPU_KERNELS = ProductKernels(
     spmm=on_platform("cpu", _spmm, export_fallback=XLA_KERNELS.spmm),
     sample=on_platform("cpu", _sample, export_fallback=XLA_KERNELS.sample),
 )
+
+
+_PRUNE = on_platform("cpu", _prune, export_fallback=xla.prune)
+
+
+def _fromdense_supports(x: jax.Array, *, n: int, m: int, axis: int, with_mask: bool):
+    del n, axis, with_mask
+    if m > MAX_PRUNE_M:
+        return f"the native pruning takes groups of m <= {MAX_PRUNE_M}, got m={m}"
+    return unsupported_reason(x.dtype)
+
+
+@register_impl("fromdense", NM, "cpu", supports=_fromdense_supports)
+def _fromdense(x: jax.Array, *, n: int, m: int, axis: int, with_mask: bool):
+    return _PRUNE(x, n=n, m=m, axis=axis, with_mask=with_mask)
 
 
 def _matmul_supports(a: NM, x: jax.Array, *, transpose: bool) -> str | None:

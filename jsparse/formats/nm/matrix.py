@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +19,15 @@ from jsparse.core.checks import (
     is_float0,
 )
 from jsparse.core.matrix import AbstractSparseMatrix, register_format
-from jsparse.core.registry import with_pallas
+from jsparse.core.registry import check_impl, run, with_pallas
 from jsparse.formats.bcsr.matrix import BCSR
 from jsparse.formats.nm import packing
 
-__all__ = ["NM", "check_axis", "check_divides", "check_nm"]
+__all__ = ["NM", "check_axis", "check_divides", "check_nm", "prune"]
+
+# ``fromdense``'s implementations per platform: the native pruning on CPU (docs/native.md,
+# *N:M pruning*), else lax.top_k.
+_FROMDENSE_ORDER = {"default": ["xla"], "cpu": ["cpu", "xla"]}
 
 
 @register_format
@@ -154,7 +159,8 @@ class NM(AbstractSparseMatrix):
         """On CPU the native kernels first for ``matmul`` (docs/native.md: faster than
         ``"xla"`` at every measured width) and ``sddmm``, then ``"xla"`` (docs/nm.md: its
         matrix-vector product reads only the stored bytes; for a wider operand it
-        decompresses a cache-sized chunk at a time); Pallas in place of XLA on GPU.
+        decompresses a cache-sized chunk at a time); Pallas in place of XLA on GPU. For
+        ``fromdense``, the native pruning on CPU, else ``lax.top_k``.
 
         Example:
           >>> import jax.numpy as jnp, jsparse
@@ -163,6 +169,8 @@ class NM(AbstractSparseMatrix):
           (['cpu', 'xla', 'dense'], ['xla', 'dense'])
           >>> a.auto_order("sddmm")["cpu"], a.auto_order("scale")
           (['cpu', 'xla'], ['xla'])
+          >>> a.auto_order("fromdense")["cpu"], a.auto_order("fromdense")["default"]
+          (['cpu', 'xla'], ['xla'])
         """
         if op == "matmul":
             order = with_pallas(["xla", "dense"])
@@ -170,6 +178,8 @@ class NM(AbstractSparseMatrix):
             return order
         if op == "sddmm":
             return {"default": ["xla"], "cpu": ["cpu", "xla"]}
+        if op == "fromdense":
+            return _FROMDENSE_ORDER
         return ["xla"]
 
     @property
@@ -287,25 +297,38 @@ class NM(AbstractSparseMatrix):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def fromdense(cls, x: jax.typing.ArrayLike, *, n: int = 2, m: int = 4, axis: int = -1) -> NM:
+    def fromdense(
+        cls,
+        x: jax.typing.ArrayLike,
+        *,
+        n: int = 2,
+        m: int = 4,
+        axis: int = -1,
+        impl: str = "auto",
+    ) -> NM:
         """Prune a dense matrix to N:M: keep the ``n`` entries of largest magnitude in
         every group of ``m`` consecutive entries along ``axis``.
 
-        Ties go to the lower position, so the result is deterministic. Works under
-        ``jit`` (``n``, ``m`` and ``axis`` are static).
+        Ties go to the lower position and NaN ranks above every number, so the result
+        is deterministic. Works under ``jit`` (``n``, ``m`` and ``axis`` are static),
+        ``vmap``, ``grad`` and ``jvp`` (the values' tangent is the input's at the kept
+        positions).
 
         Args:
           x: dense ``(M, K)`` real floating array.
           n, m: keep ``n`` of every ``m`` (``1 <= n < m <= 256``).
           axis: the grouped axis (0, 1 or -1, -2).
+          impl: ``"auto"`` (on CPU the native pruning for float32 / bfloat16 and
+            ``m <= 16``, one pass over ``x``; else ``"xla"``), ``"cpu"`` or ``"xla"``
+            (``lax.top_k``).
 
         Returns:
           The N:M matrix, in ``x``'s dtype.
 
         Raises:
           ValueError: ``n >= m``, ``m`` does not divide ``x.shape[axis]``, a bad axis,
-            or ``x`` not 2-D.
-          TypeError: ``x`` is not real floating point.
+            ``x`` not 2-D, or an ``impl`` that cannot prune ``x``.
+          TypeError: ``x`` is not real floating point, or ``impl`` is not a string.
 
         Example:
           >>> import jax.numpy as jnp, jsparse
@@ -314,16 +337,7 @@ class NM(AbstractSparseMatrix):
           >>> a.values.tolist(), a.todense()[:, 0].tolist()
           ([[-3.0, 2.0], [4.0, 1.0]], [0.0, -3.0, 0.0, 4.0])
         """
-        x = jnp.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"NM.fromdense expects a 2-D array, got shape {x.shape}")
-        check_float_dtype("NM.fromdense input", x.dtype)
-        n, m = check_nm(n, m)
-        axis = check_axis(axis, 2)
-        check_divides(x.shape, m, axis)
-        values, positions = packing.compress(x, n=n, m=m, axis=axis)
-        packed = packing.pack_positions(positions, m=m)
-        return cls(values, packed, shape=x.shape, n=n, m=m, axis=axis, packed=True)
+        return prune(x, n=n, m=m, axis=axis, impl=impl)[0]
 
     @classmethod
     def random(
@@ -524,6 +538,65 @@ class NM(AbstractSparseMatrix):
         high = (metadata >> jnp.uint16(8)).astype(jnp.uint8)
         packed = jnp.stack([low, high], axis=-1).reshape(rows, half // 4)
         return cls(values, packed, shape=(rows, 2 * half), n=2, m=4, axis=1, packed=True)
+
+
+# ------------------------------------------------------------------ pruning
+def prune(
+    x: jax.typing.ArrayLike,
+    *,
+    n: int = 2,
+    m: int = 4,
+    axis: int = -1,
+    impl: str = "auto",
+    with_mask: bool = False,
+) -> tuple[NM, jax.Array | None]:
+    """:meth:`NM.fromdense`, and with ``with_mask`` also the dense ``bool`` keep mask
+    (from the same pass: the native pruning writes it beside the values).
+
+    Returns:
+      ``(nm, mask)``; ``mask`` is ``None`` without ``with_mask``.
+
+    Raises:
+      As :meth:`NM.fromdense`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jsparse.formats.nm.matrix import prune
+      >>> a, mask = prune(jnp.array([[1.0, -5.0, 2.0, 0.5]]), with_mask=True)
+      >>> a.values.tolist(), mask.tolist()
+      ([[-5.0, 2.0]], [[False, True, True, False]])
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"NM.fromdense expects a 2-D array, got shape {x.shape}")
+    check_float_dtype("NM.fromdense input", x.dtype)
+    n, m = check_nm(n, m)
+    axis = check_axis(axis, 2)
+    check_divides(x.shape, m, axis)
+    check_impl(impl)
+    values, packed, mask = _prune(x, n, m, axis, impl, bool(with_mask))
+    return _from_parts(values, packed, x.shape, n, m, axis), mask
+
+
+def _from_parts(values, packed, shape, n, m, axis) -> NM:
+    return NM(values, packed, shape=shape, n=n, m=m, axis=axis, packed=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _prune(x, n, m, axis, impl, with_mask):
+    order = _FROMDENSE_ORDER if impl == "auto" else ()
+    return run("fromdense", NM, impl, order, x, n=n, m=m, axis=axis, with_mask=with_mask)
+
+
+@_prune.defjvp
+def _prune_jvp(n, m, axis, impl, with_mask, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    values, packed, mask = _prune(x, n, m, axis, impl, with_mask)
+    from jsparse.formats.nm.xla import gather  # the values' tangent: dx at the kept entries
+
+    dvalues = gather(_from_parts(values, packed, x.shape, n, m, axis), dx)
+    zero = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+    return (values, packed, mask), (dvalues, zero(packed), zero(mask))
 
 
 # ------------------------------------------------------------------ helpers

@@ -38,9 +38,16 @@ from jsparse.core.nonfinite import stored_only
 from jsparse.core.product import ProductKernels
 from jsparse.core.registry import register_impl
 from jsparse.formats.nm.matrix import NM
-from jsparse.formats.nm.packing import decompress, group_view, select_position, unpack_positions
+from jsparse.formats.nm.packing import (
+    compress,
+    decompress,
+    group_view,
+    pack_positions,
+    select_position,
+    unpack_positions,
+)
 
-__all__ = ["XLA_KERNELS", "gather", "sampled", "spmm", "values_length"]
+__all__ = ["XLA_KERNELS", "gather", "prune", "sampled", "spmm", "values_length"]
 
 # Dense entries decompressed per scan step (4 MiB of float32): big enough for an
 # efficient matrix product, small enough to stay in cache. Smaller matrices are
@@ -260,3 +267,26 @@ def _matmul(a: NM, x: jax.Array, *, transpose: bool) -> jax.Array:
 def _sddmm(pattern: NM, x: jax.Array, y: jax.Array) -> NM:
     values = core_product.sample(XLA_KERNELS, pattern.kernel_config, pattern.positions, x, y.T)
     return pattern._replace(values=values)
+
+
+def prune(x: jax.Array, *, n: int, m: int, axis: int, with_mask: bool):
+    """``(values, packed positions, mask or None)`` of the N:M pattern of largest
+    magnitude in ``x`` (:func:`~jsparse.formats.nm.packing.compress`, ``lax.top_k``:
+    ties to the lower position, NaN above every number); ``mask`` is the dense
+    ``bool`` keep mask.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> v, p, mask = prune(jnp.array([[1.0, -5.0, 2.0, 0.5]]), n=2, m=4, axis=1,
+      ...                    with_mask=True)
+      >>> v.tolist(), p.tolist(), mask.tolist()
+      ([[-5.0, 2.0]], [[9]], [[False, True, True, False]])
+    """
+    values, positions = compress(x, n=n, m=m, axis=axis)
+    mask = None
+    if with_mask:
+        mask = decompress(jnp.ones(positions.shape, jnp.bool_), positions, n=n, m=m, axis=axis)
+    return values, pack_positions(positions, m=m), mask
+
+
+register_impl("fromdense", NM, "xla", prune)
