@@ -83,9 +83,10 @@ def sr_ste_matmul(
 ) -> jax.Array:
     """``inputs @ (kernel * mask)`` through a :class:`jsparse.NM`, with SR-STE's gradient.
 
-    ``kernel`` ``(in, out)`` is pruned to ``n:m`` along axis 0 (:meth:`NM.fromdense`:
-    natively on CPU, with the mask from the same pass), and ``inputs (..., in)``
-    multiplied by it with :func:`jsparse.matmul` (``impl``). The input's gradient is
+    ``kernel`` ``(in, out)`` is pruned to ``n:m`` along axis 0 in its own dtype
+    (:meth:`NM.fromdense`: natively on CPU, with the mask from the same pass), and
+    ``inputs (..., in)`` multiplied by it in ``inputs``' dtype with
+    :func:`jsparse.matmul` (``impl``). The input's gradient is
     the N:M product of the other orientation; the kernel's is SR-STE's,
     ``inputs.T @ dy + decay * (1 - mask) * kernel`` (a dense product at
     ``precision``). Equal to ``inputs @ sr_ste_masked(kernel, n, m, decay)`` up to
@@ -103,6 +104,8 @@ def sr_ste_matmul(
 
 def _matmul_fwd(inputs, kernel, n, m, decay, impl, precision):
     a, mask = prune(kernel, n=n, m=m, axis=0, with_mask=True)
+    if a.dtype != inputs.dtype:
+        a = a.astype(inputs.dtype)
     return verbs.matmul(inputs, a, impl=impl), (inputs, kernel, a, mask)
 
 
@@ -186,13 +189,18 @@ class SRSTELinear(nnx.Module):
         return sr_ste_masked(self.kernel[...], self.n, self.m, self.decay)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        """``inputs @ (W * mask) + b`` over the last axis (``impl`` picks how)."""
+        """``inputs @ (W * mask) + b`` over the last axis (``impl`` picks how). The mask
+        comes from the kernel in its own dtype (``param_dtype``), as in :meth:`to_nm`;
+        the product runs in the promoted dtype."""
+        kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
-        inputs, kernel, bias = self.promote_dtype(
-            (inputs, self.kernel[...], bias), dtype=self.dtype
+        # The kernel stands in as a 0-d array of its dtype: it is promoted after masking.
+        inputs, stand_in, bias = self.promote_dtype(
+            (inputs, jnp.zeros((), kernel.dtype), bias), dtype=self.dtype
         )
+        dtype = stand_in.dtype
         if self.impl == "dense":
-            y = self._dense_product(inputs, kernel)
+            y = self._dense_product(inputs, kernel, dtype)
         elif self.impl != "auto":
             y = self._nm_product(inputs, kernel, self.impl)
         elif self.dot_general is jax.lax.dot_general and jsparse_native.available():
@@ -200,18 +208,18 @@ class SRSTELinear(nnx.Module):
                 inputs,
                 kernel,
                 cpu=lambda x, w: self._nm_product(x, w, "auto"),
-                default=self._dense_product,
+                default=lambda x, w: self._dense_product(x, w, dtype),
             )
         else:
-            y = self._dense_product(inputs, kernel)
+            y = self._dense_product(inputs, kernel, dtype)
         if self.preferred_element_type is not None:
             y = y.astype(self.preferred_element_type)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
 
-    def _dense_product(self, inputs, kernel):
-        kernel = sr_ste_masked(kernel, self.n, self.m, self.decay)
+    def _dense_product(self, inputs, kernel, dtype):
+        kernel = sr_ste_masked(kernel, self.n, self.m, self.decay).astype(dtype)
         kwargs = {}
         if self.preferred_element_type is not None:
             kwargs["preferred_element_type"] = self.preferred_element_type
