@@ -96,13 +96,14 @@ def _check(x, n, m, axis, msg=""):
 def test_matches_the_xla_pruning_and_numpy(nm, axis, dtype):
     n, m = nm
     rng = np.random.default_rng(m * 10 + n)
-    # Groups per item across the 16-lane tile: one partial tile, whole tiles, a tail.
-    for lanes in (3, 16, 37):
+    # Groups per item across the 16-lane tile: one partial tile; two whole tiles and a
+    # tail.
+    for lanes in (3, 37):
         shape = (m * 3, lanes) if axis == 0 else (5, m * lanes)
         _check(_special(rng, shape, dtype), n, m, axis)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     nm=st.sampled_from(_CONFIGS),
     axis=st.sampled_from([0, 1]),
