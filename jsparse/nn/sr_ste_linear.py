@@ -199,19 +199,18 @@ class SRSTELinear(nnx.Module):
             (inputs, jnp.zeros((), kernel.dtype), bias), dtype=self.dtype
         )
         dtype = stand_in.dtype
-        if self.impl == "dense":
-            y = self._dense_product(inputs, kernel, dtype)
-        elif self.impl != "auto":
-            y = self._nm_product(inputs, kernel, self.impl)
-        elif self.dot_general is jax.lax.dot_general and jsparse_native.available():
+        native = self.dot_general is jax.lax.dot_general and jsparse_native.available()
+        if self.impl == "auto" and native:
             y = jax.lax.platform_dependent(
                 inputs,
                 kernel,
                 cpu=lambda x, w: self._nm_product(x, w, "auto"),
                 default=lambda x, w: self._dense_product(x, w, dtype),
             )
-        else:
+        elif self.impl in ("auto", "dense"):
             y = self._dense_product(inputs, kernel, dtype)
+        else:
+            y = self._nm_product(inputs, kernel, self.impl)
         if self.preferred_element_type is not None:
             y = y.astype(self.preferred_element_type)
         if bias is not None:
