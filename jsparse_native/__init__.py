@@ -42,12 +42,13 @@ __all__ = [
     "nm_last_rowgathered",
     "nm_last_bucketed",
     "nm_last_groupdotted",
+    "nm_last_rowpermuted",
     "set_nm_sddmm_blocking",
     "supported_isas",
 ]
 
 # Bits of jsparse_native_nm_last_ran: the kernels the last N:M product ran (kernels.h).
-_RAN_PERMUTE, _RAN_ROWGATHER, _RAN_BUCKET, _RAN_GROUPDOT = 1, 2, 4, 8
+_RAN_PERMUTE, _RAN_ROWGATHER, _RAN_BUCKET, _RAN_GROUPDOT, _RAN_ROWPERM = 1, 2, 4, 8, 16
 
 # Instruction sets, slowest first; an index into this tuple is the C library's code.
 ISAS = ("generic", "avx2", "avx512")
@@ -362,6 +363,18 @@ def nm_last_groupdotted() -> bool:
       ...     assert jsparse_native.nm_last_groupdotted() in (True, False)
     """
     return bool(_lib().jsparse_native_nm_last_ran() & _RAN_GROUPDOT)
+
+
+def nm_last_rowpermuted() -> bool:
+    """Whether the last N:M product ran the row-permute kernel (``W @ x`` along axis 1,
+    one column, 2:4 with AVX-512; docs/native.md) on some of its rows. For tests.
+
+    Example:
+      >>> import jsparse_native
+      >>> if jsparse_native.available():
+      ...     assert jsparse_native.nm_last_rowpermuted() in (True, False)
+    """
+    return bool(_lib().jsparse_native_nm_last_ran() & _RAN_ROWPERM)
 
 
 def nm_last_rowgathered() -> bool:

@@ -653,6 +653,34 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
                         jax.block_until_ready(f(bad, x))
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (1, 2), (1, 4)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
+def test_nm_rowperm_kernel_words_and_tails(nm):
+    """The row-permute kernel (``W @ x`` along axis 1, one column, 2:4 with AVX-512;
+    else the matrix-vector loops): 37 rows of 54 stored entries (a pair of whole words of
+    positions, one more word, a tail of 6 entries), float32 and bfloat16. A corrupted position in a whole word of positions or in the tail
+    raises."""
+    n, m = nm
+    fits = nm == (2, 4)
+    groups = 54 // n
+    a, w = _nm(np.random.default_rng(16), n, m, 1, groups, 37, jnp.float32)
+    _nm_check_all_isas(a, w, (1,), jnp.float32)
+    ab, wb = _nm(np.random.default_rng(17), n, m, 1, groups, 37, jnp.bfloat16)
+    _nm_check_all_isas(ab, wb, (1,), jnp.bfloat16)
+    f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
+    x = jnp.ones((w.shape[1], 1))
+    for isa in ISAS:
+        with jsparse_native.forced_isa(isa):
+            jax.block_until_ready(f(a.positions, x))
+            assert jsparse_native.nm_last_rowpermuted() == (fits and isa == "avx512"), isa
+            if fits:
+                # Row 0's first byte (in a whole word) or its last (in the tail): its
+                # two fields (3, 1) decrease within a group.
+                for byte in (0, -1):
+                    bad = a.positions.at[0, byte].set(jnp.uint8(0b00_00_01_11))
+                    with pytest.raises(Exception, match="corrupted N:M positions"):
+                        jax.block_until_ready(f(bad, x))
+
+
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
 def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     """The pattern-bucket kernel (``W @ X`` along axis 0, 2:4, AVX-512 with VBMI2; else
@@ -661,7 +689,7 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     columns; 8 chunks of 64 at four vectors), ``X`` read in place (8, 16, 64) or copied
     and zero-padded (2, 33), up to 8 columns in the pairs loop (2, 8, and the last pass
     of 70), passes of four vectors and one over the rest (70, 100). By default it runs
-    from 5 columns. A corrupted pair of positions in a whole block of 64 columns or in
+    from 8 columns (the group-dot kernel takes 1 to 7). A corrupted pair of positions in a whole block of 64 columns or in
     the last, partial block raises."""
     n, m = nm
     fits = nm == (2, 4) and BUCKET_CPU
@@ -673,8 +701,8 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     for path, width, runs in (
         ("bucket", 16, fits),
         ("dense", 16, False),
-        ("auto", 4, False),
-        ("auto", 5, fits),
+        ("auto", 7, False),
+        ("auto", 8, fits),
         ("auto", 100, fits),
     ):
         with _nm_path(path):
@@ -701,10 +729,11 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
     whose accumulators fit the registers (m x columns <= 16 on AVX-512, 8 elsewhere: at
     m = 4, 5 columns run as 4 + 1 and 8 as 4 + 4 on AVX-512, 2 + 2 + 1 and four of 2 on
     AVX2; m = 16 one column a pass), n:m at compile time (2:4, 1:4, 2:8) and at run time
-    (1:16, 3:5), bfloat16 (all with the pattern-bucket kernel off). By default it runs
-    from 1 to 8 columns (2:4 up to 4 where the pattern-bucket kernel runs) and not from
-    9, nor for n > 4. A corrupted pair of positions in a whole vector or in the column
-    tail raises."""
+    (1:16, 3:5), bfloat16 (all with the pattern-bucket kernel off); on AVX-512, 2:4 takes
+    its dense rows from mask registers (group_rows24). By default it runs from 1 to 8
+    columns (2:4 up to 7 where the pattern-bucket kernel runs) and not from 9, nor for
+    n > 4. A corrupted pair of positions (equal in the two stored rows, or decreasing)
+    in a whole vector or in the column tail raises."""
     n, m = nm
     fits = n <= 4
     a, w = _nm(np.random.default_rng(14), n, m, 0, 13, 533, jnp.float32)
@@ -718,7 +747,8 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
         for path, width, runs in (
             ("auto", 1, fits),
             ("auto", 4, fits),
-            ("auto", 5, fits and not bucket),
+            ("auto", 7, fits),
+            ("auto", 8, fits and not bucket),
             ("groupdot", 8, fits),
             ("groupdot", 9, False),
         ):
@@ -726,10 +756,13 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
                 jax.block_until_ready(f(a.positions, jnp.ones((w.shape[1], width))))
                 assert jsparse_native.nm_last_groupdotted() == runs, (isa, path, width)
         if nm == (2, 4):
-            # Group 0's two stored rows: the same fields in both (not increasing) in
-            # columns 0..3 (a whole vector) or in column 532 (the tail).
+            # Group 0's two stored rows: the same fields in both in columns 0..3 (a
+            # whole vector), swapped (decreasing) in columns 528..532 (the tail).
+            pos = a.positions
             for byte in (0, -1):
-                bad = a.positions.at[1, byte].set(a.positions[0, byte])
+                bad = pos.at[1, byte].set(pos[0, byte])
+                if byte == -1:
+                    bad = bad.at[0, byte].set(pos[1, byte])
                 for width in (1, 5):
                     with jsparse_native.forced_isa(isa), _nm_path("groupdot"):
                         with pytest.raises(Exception, match="corrupted N:M positions"):

@@ -92,9 +92,10 @@ constexpr int64_t kRowGatherFrom = 5;
 // VBMI and VBMI2) from this width (forced; tests, benchmarks). -1: the measured default,
 // kBucketFrom.
 std::atomic<int64_t> g_nm_bucket_from{-1};
-// Paired on the Zen 4 runner (2:4, 4096^2, two threads; against the group-dot kernel):
-// 5-7 columns 1.11-1.14x as fast, 4 columns 0.71x.
-constexpr int64_t kBucketFrom = 5;
+// Paired on the Zen 4 runner (2:4, 4096^2, two threads; against the group-dot kernel
+// with its 2:4 rows from mask registers, group_rows24): 5 and 6 columns 0.87-0.88x as
+// fast, 7 0.97-0.98x, 8 1.06-1.12x.
+constexpr int64_t kBucketFrom = 8;
 std::atomic<int> g_nm_last_ran{0};  // kRan* bits of the last N:M product (tests)
 
 bool permutes_overlap_fmas() {

@@ -90,7 +90,8 @@ struct NmArgs {
   int64_t bucket_from;
   int* ran;  // kRan* bits: the kernels some range ran (tests)
 };
-constexpr int kRanPermute = 1, kRanRowGather = 2, kRanBucket = 4, kRanGroupDot = 8;
+constexpr int kRanPermute = 1, kRanRowGather = 2, kRanBucket = 4, kRanGroupDot = 8,
+              kRanRowPerm = 16;
 
 // Output rows per work item (the unit of the thread split) of an N:M product: 16, or
 // the smallest multiple of mm >= 64 when the output rows run along the groups (a
