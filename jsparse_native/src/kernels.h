@@ -10,6 +10,7 @@
 #include <cstring>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 
 namespace jsparse_native {
 
