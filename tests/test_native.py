@@ -656,30 +656,34 @@ def test_nm_rowgather_kernel_blocks_chunks_and_tails(nm):
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 2), (1, 4)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
 def test_nm_rowperm_kernel_words_and_tails(nm):
-    """The row-permute kernel (``W @ x`` along axis 1, one column, 2:4 with AVX-512;
-    else the matrix-vector loops): 37 rows of 54 stored entries (a pair of whole words of
-    positions, one more word, a tail of 6 entries), float32 and bfloat16. A corrupted position in a whole word of positions or in the tail
+    """The row-permute kernel (``W @ X`` along axis 1, 1 to 4 columns, 2:4 with
+    AVX-512; else the matrix-vector loops and the row-dot and dot kernels): 37 rows
+    (from 2 columns two at a time, and a last one) of 54 stored entries (a pair of
+    whole words of positions, one more word, a tail of 6 entries), float32 and
+    bfloat16. A corrupted position in a whole word of positions or in the tail
     raises."""
     n, m = nm
     fits = nm == (2, 4)
     groups = 54 // n
     a, w = _nm(np.random.default_rng(16), n, m, 1, groups, 37, jnp.float32)
-    _nm_check_all_isas(a, w, (1,), jnp.float32)
+    _nm_check_all_isas(a, w, (1, 2, 3, 4), jnp.float32, paths=("auto",))
     ab, wb = _nm(np.random.default_rng(17), n, m, 1, groups, 37, jnp.bfloat16)
-    _nm_check_all_isas(ab, wb, (1,), jnp.bfloat16)
+    _nm_check_all_isas(ab, wb, (1, 4), jnp.bfloat16, paths=("auto",))
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
-    x = jnp.ones((w.shape[1], 1))
     for isa in ISAS:
-        with jsparse_native.forced_isa(isa):
-            jax.block_until_ready(f(a.positions, x))
-            assert jsparse_native.nm_last_rowpermuted() == (fits and isa == "avx512"), isa
-            if fits:
-                # Row 0's first byte (in a whole word) or its last (in the tail): its
-                # two fields (3, 1) decrease within a group.
-                for byte in (0, -1):
-                    bad = a.positions.at[0, byte].set(jnp.uint8(0b00_00_01_11))
-                    with pytest.raises(Exception, match="corrupted N:M positions"):
-                        jax.block_until_ready(f(bad, x))
+        for width in (1, 2, 4, 5):
+            x = jnp.ones((w.shape[1], width))
+            with jsparse_native.forced_isa(isa):
+                jax.block_until_ready(f(a.positions, x))
+                runs = fits and isa == "avx512" and width <= 4
+                assert jsparse_native.nm_last_rowpermuted() == runs, (isa, width)
+                if runs and width in (1, 4):
+                    # Row 0's first byte (in a whole word) or its last (in the tail):
+                    # its two fields (3, 1) decrease within a group.
+                    for byte in (0, -1):
+                        bad = a.positions.at[0, byte].set(jnp.uint8(0b00_00_01_11))
+                        with pytest.raises(Exception, match="corrupted N:M positions"):
+                            jax.block_until_ready(f(bad, x))
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
