@@ -692,16 +692,17 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     the other kernels): 37 groups (two blocks of 16 and a tail), 533 columns of ``W``
     (two chunks of 256 at one vector of ``X`` and a last of 21, not a whole block of 64
     columns; 8 chunks of 64 at four vectors), ``X`` read in place (8, 16, 64) or copied
-    and zero-padded (2, 33), up to 8 columns in the pairs loop (2, 8, and the last pass
-    of 70), passes of four vectors and one over the rest (70, 100). By default it runs
-    from 8 columns (the group-dot kernel takes 1 to 7). A corrupted pair of positions in a whole block of 64 columns or in
-    the last, partial block raises."""
+    and zero-padded (2, 33), up to 8 columns in 8-float vectors (2, 8, and the last pass
+    of 70), passes of four vectors and one over the rest (70, 100); float32 values read
+    in place (passes of one vector) or copied (wider), bfloat16 values widened. By
+    default it runs from 8 columns (the group-dot kernel takes 1 to 7). A corrupted pair
+    of positions in a whole block of 64 columns or in the last, partial block raises."""
     n, m = nm
     fits = nm == (2, 4) and BUCKET_CPU
     a, w = _nm(np.random.default_rng(12), n, m, 0, 37, 533, jnp.float32)
     _nm_check_all_isas(a, w, (2, 8, 16, 17, 33, 64, 70, 100), jnp.float32, paths=("bucket",))
     ab, wb = _nm(np.random.default_rng(13), n, m, 0, 37, 533, jnp.bfloat16)
-    _nm_check_all_isas(ab, wb, (16, 33, 70), jnp.bfloat16, paths=("bucket",))
+    _nm_check_all_isas(ab, wb, (8, 16, 33, 70), jnp.bfloat16, paths=("bucket",))
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
     for path, width, runs in (
         ("bucket", 16, fits),
