@@ -38,15 +38,22 @@ class BCSR(AbstractSparseMatrix):
     Note: this is *block* CSR. ``jax.experimental.sparse.BCSR`` is a different
     thing (*batched* CSR, element granularity).
 
-    Leaves (all arrays, so a pattern can change under ``jit``):
+    Its leaves are all arrays, so a pattern can change under ``jit``.
+
+    Attributes:
       data: ``(nse, bm, bn)`` the stored blocks (a real floating dtype).
       indices: ``(nse,)`` int32, block-column of each stored block.
       indptr: ``(M // bm + 1,)`` int32; the blocks of block-row ``i`` are
         ``data[indptr[i]:indptr[i + 1]]``.
-      row_ids, col_ptr, col_order: derived from ``indptr`` and ``indices`` when the
-        pattern is made (the block-row of each block and the CSC view, see
-        :class:`~jsparse.formats.bcsr.pattern.BlockPattern`), so that no product
-        recomputes them.
+      row_ids: ``(nse,)`` int32, the block-row of each stored block.
+      col_ptr: ``(N // bn + 1,)`` int32, the CSC view: the stored blocks of
+        block-column ``j`` are at CSC positions ``col_ptr[j]:col_ptr[j + 1]``.
+      col_order: ``(nse,)`` int32, the stored block at each CSC position.
+
+    ``row_ids``, ``col_ptr`` and ``col_order`` are derived from ``indptr`` and
+    ``indices`` when the pattern is made (see
+    :class:`~jsparse.formats.bcsr.pattern.BlockPattern`), so that no product
+    recomputes them.
 
     Static: ``shape`` (``block_shape`` and ``nse`` follow from ``data``).
 

@@ -40,25 +40,29 @@ class NM(AbstractSparseMatrix):
     ``axis=1`` (the default, ``-1``) for ``W @ x``, ``axis=0`` for ``x @ W``. Both
     products work for either axis; the grouped one is the fast one.
 
-    Leaves (arrays, so values *and* pattern can change under ``jit``):
+    Its leaves are arrays, so values *and* pattern can change under ``jit``.
+
+    Attributes:
       values: the kept entries, of the dense shape with ``shape[axis]`` shrunk to
         ``shape[axis] // m * n`` (``values_shape``, ``(R, S)``); group after group,
         in increasing position. Zeros are allowed (a group with fewer than ``n``
         nonzeros still stores ``n``).
       positions: the position in ``[0, m)`` of each kept entry inside its group
-        (strictly increasing within a group), *bit-packed* into ``uint8``:
+        (strictly increasing within a group), *bit-packed* into ``uint8`` (below).
 
-        * ``bits = 2`` if ``m <= 4``, ``4`` if ``m <= 16``, else ``8`` bits per
-          position; ``per = 8 // bits`` positions per byte (4, 2 or 1);
-        * packed along the last axis of ``values``: ``positions`` has shape
-          ``(R, ceil(S / per))`` and the position of ``values[r, j]`` is
-          ``(positions[r, j // per] >> (bits * (j % per))) & (2**bits - 1)``
-          (little-endian: the lowest column in the lowest bits);
-        * the last axis is padded to a multiple of ``per``; padding slots are 0.
+    The packing of ``positions``:
 
-        :attr:`unpacked_positions` gives the ``uint8`` ``(R, S)`` positions. For a
-        2:4 matrix grouped along axis 1 the packed bytes, read as little-endian
-        ``uint16`` words, are exactly the metadata of :meth:`to_2to4_compressed`.
+    * ``bits = 2`` if ``m <= 4``, ``4`` if ``m <= 16``, else ``8`` bits per
+      position; ``per = 8 // bits`` positions per byte (4, 2 or 1);
+    * packed along the last axis of ``values``: ``positions`` has shape
+      ``(R, ceil(S / per))`` and the position of ``values[r, j]`` is
+      ``(positions[r, j // per] >> (bits * (j % per))) & (2**bits - 1)``
+      (little-endian: the lowest column in the lowest bits);
+    * the last axis is padded to a multiple of ``per``; padding slots are 0.
+
+    :attr:`unpacked_positions` gives the ``uint8`` ``(R, S)`` positions. For a
+    2:4 matrix grouped along axis 1 the packed bytes, read as little-endian
+    ``uint16`` words, are exactly the metadata of :meth:`to_2to4_compressed`.
 
     Static: ``shape``, ``n``, ``m`` and ``axis`` (normalised to 0 or 1).
 
