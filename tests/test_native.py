@@ -695,7 +695,7 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     and zero-padded (2, 33), up to 8 columns in 8-float vectors (2, 8, and the last pass
     of 70), passes of four vectors and one over the rest (70, 100); float32 values read
     in place (passes of one vector) or copied (wider), bfloat16 values widened. By
-    default it runs from 8 columns (the group-dot kernel takes 1 to 7). A corrupted pair
+    default it runs from 9 columns (the group-dot kernel takes 1 to 8). A corrupted pair
     of positions in a whole block of 64 columns or in the last, partial block raises."""
     n, m = nm
     fits = nm == (2, 4) and BUCKET_CPU
@@ -707,8 +707,8 @@ def test_nm_bucket_kernel_blocks_chunks_and_tails(nm):
     for path, width, runs in (
         ("bucket", 16, fits),
         ("dense", 16, False),
-        ("auto", 7, False),
-        ("auto", 8, fits),
+        ("auto", 8, False),
+        ("auto", 9, fits),
         ("auto", 100, fits),
     ):
         with _nm_path(path):
@@ -737,8 +737,8 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
     AVX2; m = 16 one column a pass), n:m at compile time (2:4, 1:4, 2:8) and at run time
     (1:16, 3:5), bfloat16 (all with the pattern-bucket kernel off); on AVX-512, 2:4 takes
     its dense rows from mask registers (group_rows24). By default it runs from 1 to 8
-    columns (2:4 up to 7 where the pattern-bucket kernel runs) and not from 9, nor for
-    n > 4. A corrupted pair of positions (equal in the two stored rows, or decreasing)
+    columns and not from 9 (2:4 from 9: the pattern-bucket kernel, where it runs), nor
+    for n > 4. A corrupted pair of positions (equal in the two stored rows, or decreasing)
     in a whole vector or in the column tail raises."""
     n, m = nm
     fits = n <= 4
@@ -748,13 +748,11 @@ def test_nm_groupdot_kernel_passes_and_tails(nm):
     _nm_check_all_isas(ab, wb, (1, 5), jnp.bfloat16, paths=("groupdot",))
     f = jax.jit(lambda p, x: product.spmm(NM_KERNELS, a.kernel_config, False, a.values, p, x))
     for isa in ISAS:
-        # From 5 columns the pattern-bucket kernel takes 2:4 where it runs.
-        bucket = nm == (2, 4) and isa == "avx512" and BUCKET_CPU
         for path, width, runs in (
             ("auto", 1, fits),
             ("auto", 4, fits),
             ("auto", 7, fits),
-            ("auto", 8, fits and not bucket),
+            ("auto", 8, fits),
             ("groupdot", 8, fits),
             ("groupdot", 9, False),
         ):

@@ -94,8 +94,11 @@ constexpr int64_t kRowGatherFrom = 5;
 std::atomic<int64_t> g_nm_bucket_from{-1};
 // Paired on the Zen 4 runner (2:4, 4096^2, two threads; against the group-dot kernel
 // with its 2:4 rows from mask registers, group_rows24): 5 and 6 columns 0.87-0.88x as
-// fast, 7 0.97-0.98x, 8 1.06-1.12x.
-constexpr int64_t kBucketFrom = 8;
+// fast, 7 0.97-0.98x, 8 1.06-1.12x; against the group-dot kernel with its addresses
+// kept out of the loop and its prefetch running on into the next group, 8 columns
+// 0.97-0.99x dense against 1.05-1.09x (alternating the two, five rounds), so 8 columns
+// run the group-dot kernel too (its widest).
+constexpr int64_t kBucketFrom = 9;
 std::atomic<int> g_nm_last_ran{0};  // kRan* bits of the last N:M product (tests)
 
 bool permutes_overlap_fmas() {
